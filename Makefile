@@ -1,0 +1,35 @@
+# Two commands set up everything on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.labkit-installed
+# A CPU build of torch on CI; a bare `torch` would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: venv demo test lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev,eval]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/python -m labkit.demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check labkit tests bench
+
+bench: venv
+	$(BIN)/python bench/packing.py
+	$(BIN)/python bench/store.py
+
+clean:
+	rm -rf $(VENV) .labkit runs

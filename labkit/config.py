@@ -1,0 +1,242 @@
+"""The run config: one typed, validated object per run.
+
+The same `RunConfig` is written beside each run as `config.yaml` and read back by the
+trainer, the launcher, the notebooks and papermill, so there is exactly one place
+where a field's meaning and bounds live.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Schedule = Literal["constant", "cosine", "linear"]
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message has one line per bad field."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are almost always typos ("learning_rte"); refuse them loudly.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Phase(_Strict):
+    """One training phase: datasets trained together for some epochs."""
+
+    datasets: list[str] = Field(min_length=1)
+    epochs: int = Field(default=1, ge=1)
+    name: str | None = None
+
+
+class Distributed(_Strict):
+    num_processes: int = Field(default=1, ge=1)
+    num_machines: int = Field(default=1, ge=1)
+    machine_rank: int = Field(default=0, ge=0)
+    main_process_ip: str | None = None
+    main_process_port: int = Field(default=29500, ge=1, le=65535)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    activation_checkpointing: bool = False
+    cpu: bool = False
+    accelerate_config: str | None = None  # a file under templates/accelerate/ or any path
+
+
+class EarlyStop(_Strict):
+    """Rules under which the trainer stops itself (it also stops when a STOP file appears)."""
+
+    stop_on_nan: bool = True
+    grad_norm_max: float | None = Field(default=None, gt=0)
+    grad_norm_patience: int = Field(default=5, ge=1)
+    loss_max: float | None = Field(default=None, gt=0)
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    runs_root: str = "runs"
+    model: str = "tiny"
+    # Stacked training lists datasets here; phased training lists phases instead.
+    datasets: list[str] = Field(default_factory=list)
+    phases: list[Phase] = Field(default_factory=list)
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+
+    effective_batch_size: int = Field(default=32, ge=1, description="samples per optimizer step")
+    max_tokens_per_device: int = Field(default=4096, ge=16, description="token budget of one micro-batch")
+    max_seq_len: int = Field(default=2048, ge=8)
+    overlong: Literal["drop", "truncate"] = "drop"
+    packing: bool = True
+    attention: Literal["auto", "flash_attention_2", "varlen", "sdpa", "eager"] = "auto"
+
+    learning_rate: float = Field(default=2e-5, gt=0, le=1.0)
+    schedule: Schedule = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    adam_beta1: float = Field(default=0.9, gt=0.0, lt=1.0)
+    adam_beta2: float = Field(default=0.95, gt=0.0, lt=1.0)
+    adam_eps: float = Field(default=1e-8, gt=0.0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    seed: int = 42
+
+    save_every_samples: int | None = Field(default=None, ge=1)
+    save_final: bool = True
+    keep_checkpoints: int | None = Field(default=2, ge=1)
+    val_dataset: str | None = None
+    val_every_samples: int | None = Field(default=None, ge=1)
+    eval_every_samples: int | None = Field(default=None, ge=1)
+    eval_tasks: list[str] = Field(default_factory=list)
+    eval_limit: int | None = Field(default=None, ge=1)
+    resume: bool = False
+
+    distributed: Distributed = Field(default_factory=Distributed)
+    early_stop: EarlyStop = Field(default_factory=EarlyStop)
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not SAFE_NAME.match(v) or ".." in v:
+            raise ValueError(
+                f"{v!r} is not a safe run name: use letters, digits, '.', '_' and '-' "
+                "(no '/', no '..', at most 128 characters, starting with a letter or digit)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _one_data_source(self) -> RunConfig:
+        if self.datasets and self.phases:
+            raise ValueError("give either 'datasets' (stacked) or 'phases' (phased), not both")
+        if not self.datasets and not self.phases:
+            raise ValueError("no training data: set 'datasets' or 'phases'")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("give either 'warmup_steps' or 'warmup_ratio', not both")
+        return self
+
+    # -- derived views -------------------------------------------------------------------------
+
+    def training_phases(self) -> list[Phase]:
+        """Phases to train, in order; stacked data is a single phase."""
+        return list(self.phases) if self.phases else [Phase(datasets=self.datasets, epochs=self.epochs)]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_root) / self.name
+
+    def all_datasets(self) -> list[str]:
+        names = [d for p in self.training_phases() for d in p.datasets]
+        if self.val_dataset:
+            names.append(self.val_dataset)
+        return list(dict.fromkeys(names))
+
+    def flat(self) -> dict[str, Any]:
+        """Config as one flat dict (`distributed.num_processes`), for tables and the store."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}{k}.", v)
+            else:
+                out[prefix[:-1]] = _listval(value) if isinstance(value, list) else value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+    def check(self) -> list[str]:
+        """Problems that depend on the machine (files, catalog), one message each; [] when fine."""
+        from labkit import catalog
+
+        problems = []
+        if self.model != "tiny":
+            mdir = Path(self.model).expanduser()
+            if not (mdir / "config.json").is_file():
+                problems.append(f"model: {self.model!r} is not a Hugging Face checkpoint directory (no config.json)")
+        for ds in self.all_datasets():
+            try:
+                catalog.resolve(ds)
+            except catalog.CatalogError as e:
+                problems.append(f"datasets: {e}")
+        if self.eval_every_samples and not self.eval_tasks:
+            problems.append("eval_tasks: eval_every_samples is set but no eval_tasks are given")
+        return problems
+
+    # -- YAML ----------------------------------------------------------------------------------
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.to_yaml())
+        tmp.replace(path)
+        return path
+
+    def with_updates(self, **updates: Any) -> RunConfig:
+        """A copy with (possibly dotted, e.g. `distributed.num_processes`) fields replaced, validated."""
+        data = self.model_dump(mode="json")
+        for key, value in updates.items():
+            _set_dotted(data, key, value)
+        return from_dict(data)
+
+
+def _listval(v: list) -> Any:
+    return ",".join(map(str, v)) if all(not isinstance(x, dict) for x in v) else yaml.safe_dump(v).strip()
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        data = data.setdefault(p, {})
+    data[parts[-1]] = value
+
+
+def _format_errors(err: ValidationError, source: str | None) -> str:
+    where = f"{source}: " if source else ""
+    lines = [f"{where}invalid run config ({err.error_count()} problem(s)):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(config)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check its spelling)"
+        elif e["type"] == "literal_error":
+            msg = f"{msg}, got {e.get('input')!r}"
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def from_dict(data: dict[str, Any], source: str | None = None) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None, check: bool = False) -> RunConfig:
+    """Read a run config from YAML; `overrides` are dotted keys (as papermill parameters give them)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a run config must be a YAML mapping, got {type(data).__name__}")
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    cfg = from_dict(data, source=str(path))
+    if check:
+        problems = cfg.check()
+        if problems:
+            raise ConfigError(f"{path}: " + "\n  - ".join(["config cannot run here:", *problems]))
+    return cfg
