@@ -1,0 +1,94 @@
+"""The files a trainer writes into its run directory (see docs/run-dir.md).
+
+Only plain files: any number of notebooks can read them while the run trains, without locks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+STATUS = "status.json"
+METRICS = "metrics.jsonl"
+STOP = "STOP"
+FINAL_STATES = ("finished", "stopped", "failed")
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(run_dir) / STATUS).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def update_status(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    status = read_status(run_dir)
+    status.update(fields, updated_at=time.time())
+    write_json_atomic(Path(run_dir) / STATUS, status)
+    return status
+
+
+def _clean(value: Any) -> Any:
+    # JSON has no NaN/inf; null keeps every line parseable by DuckDB and pandas.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsWriter:
+    """Appends one JSON line per optimizer step and flushes it, so readers see it at once."""
+
+    def __init__(self, run_dir: Path, truncate_after_step: int | None = None):
+        self.path = Path(run_dir) / METRICS
+        if truncate_after_step is not None:
+            self._truncate(truncate_after_step)
+        self._fh = self.path.open("a", encoding="utf-8")
+
+    def _truncate(self, last_step: int) -> None:
+        """Drop rows past a resumed checkpoint, and a torn last line, so no step appears twice."""
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", math.inf) <= last_step:
+                kept.append(line + "\n")
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._fh.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Rows of a (possibly live) run: torn lines skipped, the newest row kept per step."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            by_step[row["step"]] = row
+    return [by_step[s] for s in sorted(by_step)]

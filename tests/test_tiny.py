@@ -1,0 +1,46 @@
+import json
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from labkit import tiny
+
+
+def test_tiny_checkpoint_loads_with_plain_transformers(tiny_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert model.config.model_type == "llama"
+    assert 1e6 <= model.num_parameters() <= 3e6
+    assert (tiny_dir / "model.safetensors").is_file()
+    assert model.config.vocab_size == len(tok)
+
+
+def test_chat_template_renders_every_role_and_ends_turns(tiny_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "5"},
+    ]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    assert text == "<|system|>\nBe brief.<|end|>\n<|user|>\nWhat is 2 + 3?<|end|>\n<|assistant|>\n5<|end|>\n"
+    prompt = tok.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|assistant|>\n") and text.startswith(prompt)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    for special in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"):
+        assert tok.convert_tokens_to_ids(special) in ids
+    assert tok.eos_token == "<|end|>"
+    assert tok.decode(ids) == text
+
+
+def test_build_is_deterministic_for_a_seed(tmp_path):
+    a = tiny.build(tmp_path / "a", seed=3)
+    b = tiny.build(tmp_path / "b", seed=3)
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert json.loads((a / "labkit_tiny.json").read_text())["seed"] == 3
+
+
+def test_ensure_tiny_is_cached(tiny_dir):
+    mtime = (tiny_dir / "config.json").stat().st_mtime
+    assert tiny.ensure_tiny() == tiny_dir
+    assert (tiny_dir / "config.json").stat().st_mtime == mtime
