@@ -268,8 +268,8 @@ class Loop:
                 micro = [[samples[j] for j in mb] for mb in plan[i][accel.process_index]]
                 n_samples = sum(len(mb) for r in plan[i] for mb in r)
                 eff = multipack.packing_efficiency(plan[i], lengths, cfg.max_tokens_per_device)
+                self.step_in_epoch = i + 1  # the position a checkpoint taken after this step resumes from
                 self.optimizer_step(opt, sched, micro, n_samples, eff, epoch + (i + 1) / len(plan), p_idx)
-                self.step_in_epoch = i + 1
                 if self.done:
                     return
             self.step_in_epoch = 0

@@ -25,7 +25,10 @@ def cfg_for(tmp_path, **kw) -> RunConfig:
 
 
 def launch_cmd(n: int, config_path) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(n),
+    # With --cpu accelerate starts one process whatever --num_processes says; --multi_gpu on a
+    # machine without CUDA starts n gloo processes through torchrun.
+    backend = "--multi_gpu" if n > 1 else "--cpu"
+    return [sys.executable, "-m", "accelerate.commands.launch", backend, "--num_processes", str(n),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(29600 + os.getpid() % 300 + n), "-m", "labkit.train", str(config_path)]
 
