@@ -14,7 +14,6 @@ import json
 import platform
 import random
 import tempfile
-import time
 from pathlib import Path
 
 import torch

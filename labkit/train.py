@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from tqdm import tqdm
 
 from labkit import attention, runfiles
 from labkit.catalog import resolve
@@ -151,6 +152,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         if main:
             print(f"[labkit] {msg}", flush=True)
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one progress bar per run: ours
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")
@@ -187,6 +191,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             + (f"resuming from {resume.name}" if resume else "starting fresh"))
 
         loop = Loop(cfg, accel, model, tokenizer, impl, writer, run_dir, total_steps, pos, started, val, log)
+        # In a log file (launched runs) a bar redraws as lines: redraw rarely there.
+        loop.bar = tqdm(total=total_steps, initial=pos["step"], unit="step", disable=not main, dynamic_ncols=True,
+                        mininterval=0.5 if sys.stderr.isatty() else 15)
         for p_idx, (phase, samples) in enumerate(zip(phases, data)):
             if p_idx < pos["phase"]:
                 continue
@@ -200,6 +207,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             save_model(accel, model, tokenizer, run_dir / "final")
             if main:
                 (run_dir / "final" / "checkpoint.json").write_text(json.dumps(loop.position()))
+        loop.bar.close()
         loop.wait_evals()
         final = {"state": state, "stop_reason": reason, "step": loop.step, "samples": loop.samples}
     except Exception as e:  # noqa: BLE001 - any failure must end in a readable status
@@ -230,6 +238,7 @@ class Loop:
         self.save_on_stop, self.stop_reason = True, None
         self.high_grad_steps = 0
         self.evals: list[subprocess.Popen] = []
+        self.bar: tqdm | None = None
         self.pad_id = tokenizer.pad_token_id
         self.ddp = accel.distributed_type.name == "MULTI_GPU" or accel.distributed_type.name == "MULTI_CPU"
 
@@ -337,6 +346,8 @@ class Loop:
         cfg, accel = self.cfg, self.accel
         if self.val and self.crossed(cfg.val_every_samples, n_samples):
             row["val_loss"] = self.validation_loss()
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{row['loss']:.3f}", gnorm=f"{row['grad_norm']:.2f}", refresh=False)
         if self.writer:
             self.writer.write(row)
             runfiles.update_status(self.run_dir, step=self.step, samples=self.samples, loss=row["loss"])
