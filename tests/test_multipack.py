@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from labkit.data.multipack import packing_efficiency, padded_plan_epoch, plan_epoch
+
+
+@st.composite
+def setups(draw):
+    budget = draw(st.integers(8, 600))
+    lengths = draw(st.lists(st.integers(1, budget), max_size=200))
+    return lengths, draw(st.integers(1, 70)), budget, draw(st.integers(1, 8))
+
+
+def check_plan(plan, lengths, effective_batch_size, num_replicas):
+    seen = [i for step in plan for rank in step for mb in rank for i in mb]
+    assert sorted(seen) == list(range(len(lengths)))  # every sample exactly once
+    sizes = [sum(len(mb) for rank in step for mb in rank) for step in plan]
+    assert all(s == effective_batch_size for s in sizes[:-1])
+    assert sizes == [] or 1 <= sizes[-1] <= effective_batch_size
+    for step in plan:
+        assert len(step) == num_replicas
+        assert len({len(rank) for rank in step}) == 1  # same micro-batch count on every rank
+
+
+@settings(max_examples=150, deadline=None)
+@given(setups())
+def test_packed_plan_covers_the_epoch_exactly_within_budget(setup):
+    lengths, ebs, budget, replicas = setup
+    plan = plan_epoch(lengths, ebs, budget, replicas, seed=3, epoch=1)
+    check_plan(plan, lengths, ebs, replicas)
+    assert all(sum(lengths[i] for i in mb) <= budget for step in plan for rank in step for mb in rank)
+
+
+@settings(max_examples=150, deadline=None)
+@given(setups())
+def test_padded_plan_covers_the_epoch_with_rows_times_longest_within_budget(setup):
+    lengths, ebs, budget, replicas = setup
+    plan = padded_plan_epoch(lengths, ebs, budget, replicas, seed=3, epoch=1)
+    check_plan(plan, lengths, ebs, replicas)
+    for step in plan:
+        for rank in step:
+            assert all(len(mb) * max(lengths[i] for i in mb) <= budget for mb in rank if mb)
+
+
+@settings(max_examples=60, deadline=None)
+@given(setups())
+def test_steps_hold_the_same_samples_whatever_the_number_of_ranks(setup):
+    lengths, ebs, budget, _ = setup
+    for planner in (plan_epoch, padded_plan_epoch):
+        one, eight = planner(lengths, ebs, budget, 1, 0, 0), planner(lengths, ebs, budget, 8, 0, 0)
+        assert [sorted(i for r in s for mb in r for i in mb) for s in one] == \
+               [sorted(i for r in s for mb in r for i in mb) for s in eight]
+
+
+def test_plan_is_deterministic_per_seed_and_epoch_and_reshuffled_across_epochs():
+    lengths = np.random.default_rng(0).integers(10, 300, 500).tolist()
+    assert plan_epoch(lengths, 32, 1024, 4, seed=1, epoch=0) == plan_epoch(lengths, 32, 1024, 4, seed=1, epoch=0)
+    first = [sorted(i for r in s for mb in r for i in mb) for s in plan_epoch(lengths, 32, 1024, 4, 1, 0)]
+    for other in (plan_epoch(lengths, 32, 1024, 4, 1, 1), plan_epoch(lengths, 32, 1024, 4, 2, 0)):
+        assert [sorted(i for r in s for mb in r for i in mb) for s in other] != first
+
+
+def test_dataset_smaller_than_one_batch_is_one_short_step():
+    plan = plan_epoch([5, 7, 9], effective_batch_size=128, max_tokens_per_device=64, num_replicas=8, seed=0, epoch=0)
+    assert len(plan) == 1 and sorted(i for r in plan[0] for mb in r for i in mb) == [0, 1, 2]
+    assert all(len(rank) == 1 for rank in plan[0])  # five ranks run one empty micro-batch each
+    assert plan_epoch([], 4, 64, 2, 0, 0) == []
+
+
+def test_sample_over_the_budget_is_named_with_the_fix():
+    with pytest.raises(ValueError, match=r"sample 2 has 900 tokens, more than max_tokens_per_device=512") as e:
+        plan_epoch([10, 20, 900, 30], 2, 512, 1, 0, 0)
+    assert "max_seq_len" in str(e.value) and "truncate" in str(e.value)
+
+
+def test_invalid_batch_settings_are_refused():
+    for args in ((0, 64, 1), (4, 0, 1), (4, 64, 0)):
+        with pytest.raises(ValueError, match="must be at least 1"):
+            plan_epoch([1, 2, 3], *args, seed=0, epoch=0)
+
+
+def test_whole_step_packing_needs_no_extra_micro_batch_for_one_heavy_rank():
+    # 12 samples of a third of the budget fill exactly 4 micro-batches: 2 per rank, none empty.
+    plan = plan_epoch([100] * 12, 12, 300, 2, seed=0, epoch=0)
+    assert [[len(mb) for mb in rank] for rank in plan[0]] == [[3, 3], [3, 3]]
+    assert packing_efficiency(plan[0], [100] * 12, 300) == 1.0
+
+
+def test_realistic_lengths_pack_tightly_and_balance_ranks():
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(6.0, 0.9, 4096), 50, 2048).astype(int).tolist()
+    plan = plan_epoch(lengths, 1024, 8192, 4, seed=0, epoch=0)
+    for step in plan:
+        total = sum(lengths[i] for r in step for mb in r for i in mb)
+        fewest = -(-total // (4 * 8192))  # micro-batches per rank no packing can go below
+        assert len(step[0]) <= fewest + 1
+        loads = [sum(lengths[i] for mb in r for i in mb) for r in step]
+        assert max(loads) - min(loads) <= 0.05 * max(loads)
+    assert np.mean([packing_efficiency(s, lengths, 8192) for s in plan]) > 0.9
+
+
+def test_packing_efficiency_counts_empty_micro_batches_as_wasted_budget():
+    step = [[[0, 1], []], [[2], [3]]]
+    assert packing_efficiency(step, [10, 20, 30, 40], 50) == pytest.approx(100 / (2 * 2 * 50))
