@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/python -m labkit.demo
+	$(BIN)/python -m labkit.study
 
 test: venv
 	$(BIN)/python -m pytest -q

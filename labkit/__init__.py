@@ -15,8 +15,8 @@ _LAZY = {
     "runs": "labkit.launch",
     "Run": "labkit.launch",
     "Store": "labkit.store",
-    "evaluate": "labkit.evaluate",
 }
+# `evaluate` is not re-exported: the submodule of the same name would shadow it once imported.
 
 
 def __getattr__(name: str) -> Any:

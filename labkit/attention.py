@@ -4,8 +4,10 @@ Packed rows hold several samples; attention must not cross sample boundaries:
 - `flash_attention_2` (flash-attn installed, CUDA): varlen kernels driven by `cu_seq_lens_*`.
 - `labkit_varlen` (CUDA, no flash-attn): PyTorch's own `torch.nn.attention.varlen.varlen_attn`,
   registered through transformers' attention interface.
-- `sdpa` (CPU, or as a fallback): transformers turns restarting `position_ids` into a
-  block-diagonal causal mask, so the result is exact, just not faster than padding.
+- otherwise (CPU) `sdpa`. transformers would turn restarting `position_ids` into an exact
+  block-diagonal mask, but attention over a whole packed row is quadratic in its length, so the
+  trainer runs such micro-batches as padded rows instead: multipack still decides which samples
+  share a micro-batch and balances tokens across ranks.
 """
 
 from __future__ import annotations

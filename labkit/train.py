@@ -108,8 +108,12 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(accel, model, tokenizer, run_dir: Path, state: dict[str, Any], keep: int | None) -> Path:
-    """Write model (safetensors) + full accelerate state to a temp dir, then rename it into place."""
+def save_checkpoint(accel, model, tokenizer, run_dir: Path, state: dict[str, Any], keep: int | None,
+                    protect: frozenset[Path] = frozenset()) -> Path:
+    """Write model (safetensors) + full accelerate state to a temp dir, then rename it into place.
+
+    `keep` prunes all but the newest `keep` checkpoints, except those in `protect` (a background
+    evaluation is still reading them)."""
     root = run_dir / "checkpoints"
     final = root / f"step-{state['step']:08d}"
     tmp = root / f".tmp-step-{state['step']:08d}"
@@ -123,11 +127,16 @@ def save_checkpoint(accel, model, tokenizer, run_dir: Path, state: dict[str, Any
         (tmp / "checkpoint.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        if keep:
-            for old in checkpoints(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(run_dir, keep, protect)
     accel.wait_for_everyone()
     return final
+
+
+def prune_checkpoints(run_dir: Path, keep: int | None, protect: frozenset[Path] = frozenset()) -> None:
+    if keep:
+        for old in checkpoints(run_dir)[:-keep]:
+            if old not in protect:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def save_model(accel, model, tokenizer, out: Path) -> None:
@@ -166,7 +175,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         set_seed(cfg.seed)
         model_dir = resolve_model(cfg.model)
         model, tokenizer, impl = load_model(cfg, model_dir, accel.device)
-        log(f"model {model_dir} ({model.num_parameters() / 1e6:.2f}M params), attention={impl}, "
+        rows = "packed rows" if cfg.packing and attention.needs_cu_seqlens(impl) else "padded rows"
+        log(f"model {model_dir} ({model.num_parameters() / 1e6:.2f}M params), attention={impl} ({rows}), "
             f"processes={world}, device={accel.device}, mixed_precision={accel.mixed_precision}")
         model = accel.prepare(model)
 
@@ -175,9 +185,11 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         steps_per_epoch = [len(plan_epoch(cfg, [len(s.input_ids) for s in d], world, 0)) for d in data]
         phase_steps = [n * p.epochs for n, p in zip(steps_per_epoch, phases)]
         total_steps = sum(phase_steps)
-        if cfg.max_steps:
-            total_steps = min(total_steps, cfg.max_steps)
         total_samples = sum(len(d) * p.epochs for d, p in zip(data, phases))
+        if cfg.max_steps and cfg.max_steps < total_steps:
+            # Progress bars show samples: scale the total to the steps that will actually run.
+            total_samples = round(total_samples * cfg.max_steps / total_steps)
+            total_steps = cfg.max_steps
         val = load_phase_data(cfg, [cfg.val_dataset], tokenizer, model_dir, log) if cfg.val_dataset else None
 
         resume = checkpoints(run_dir)[-1] if cfg.resume and checkpoints(run_dir) else None
@@ -237,7 +249,7 @@ class Loop:
         self.done = self.stopped = False
         self.save_on_stop, self.stop_reason = True, None
         self.high_grad_steps = 0
-        self.evals: list[subprocess.Popen] = []
+        self.evals: dict[Path, subprocess.Popen] = {}
         self.bar: tqdm | None = None
         self.pad_id = tokenizer.pad_token_id
         self.ddp = accel.distributed_type.name == "MULTI_GPU" or accel.distributed_type.name == "MULTI_CPU"
@@ -285,14 +297,16 @@ class Loop:
         self.epoch = phase.epochs
 
     def batch(self, mb: list) -> dict[str, torch.Tensor]:
-        if self.cfg.packing:
+        if self.cfg.packing and attention.needs_cu_seqlens(self.impl):
             b = collate_packed(mb, self.pad_id)
-            kw = {"input_ids": b["input_ids"], "position_ids": b["position_ids"], "labels": b["labels"]}
-            if attention.needs_cu_seqlens(self.impl):
-                cu = b["cu_seqlens"].to(self.accel.device, non_blocking=True)
-                kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=b["max_seqlen"],
-                          max_length_k=b["max_seqlen"])
+            cu = b["cu_seqlens"]
+            kw = {"input_ids": b["input_ids"], "position_ids": b["position_ids"], "labels": b["labels"],
+                  "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
+                  "max_length_q": b["max_seqlen"], "max_length_k": b["max_seqlen"]}
         else:
+            # Without a varlen kernel a packed row costs attention over the whole row (the block-
+            # diagonal mask is exact but quadratic in the row length), so the micro-batch runs as
+            # padded rows: same samples, same token budget, same loss.
             b = collate_padded(mb, self.pad_id)
             kw = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"]}
         return {k: v.to(self.accel.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in kw.items()}
@@ -360,7 +374,7 @@ class Loop:
         wants_eval = bool(cfg.eval_tasks) and self.crossed(cfg.eval_every_samples, n_samples)
         if self.crossed(cfg.save_every_samples, n_samples) or wants_eval or (self.stopped and self.save_on_stop):
             ckpt = save_checkpoint(accel, self.model, self.tokenizer, self.run_dir, self.position(),
-                                   cfg.keep_checkpoints if not wants_eval else None)
+                                   cfg.keep_checkpoints, self.in_eval())
             if wants_eval and accel.is_main_process:
                 self.start_eval(ckpt)
 
@@ -423,12 +437,18 @@ class Loop:
         if self.cfg.eval_limit:
             cmd += ["--limit", str(self.cfg.eval_limit)]
         log = (self.run_dir / "evals.log").open("a")
-        self.evals.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
-        self.log(f"evaluating {ckpt.name} in the background (pid {self.evals[-1].pid})")
+        proc = self.evals[ckpt] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        self.log(f"evaluating {ckpt.name} in the background (pid {proc.pid})")
+
+    def in_eval(self) -> frozenset[Path]:
+        return frozenset(c for c, p in self.evals.items() if p.poll() is None)
 
     def wait_evals(self) -> None:
-        for p in self.evals:
+        for p in self.evals.values():
             p.wait()
+        if self.evals:
+            # Checkpoints kept only for their evaluation can go now.
+            prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
 
 
 def _chunks(samples: list, budget: int) -> list[list]:

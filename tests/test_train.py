@@ -209,3 +209,13 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     want = runfiles.read_metrics(ref.run_dir)
     for a, b in zip(got, want):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
+
+
+def test_background_evals_score_every_eval_point_while_old_checkpoints_are_pruned(tmp_path):
+    # keep_checkpoints=1 prunes at every save; a checkpoint still being evaluated must survive that.
+    cfg = cfg_for(tmp_path, datasets=["knowledge"], max_steps=6, eval_every_samples=32, save_every_samples=16,
+                  keep_checkpoints=1, eval_tasks=["labkit_knowledge_mc"], eval_limit=4)
+    assert train(cfg)["state"] == "finished"
+    scored = sorted(int(p.stem) for p in (cfg.run_dir / "evals").glob("*.json"))
+    assert scored == [2, 4, 6], (cfg.run_dir / "evals.log").read_text()[-2000:]
+    assert len(checkpoints(cfg.run_dir)) == 1

@@ -1,0 +1,678 @@
+"""Sweeps: a grid of run configs, each executed as a papermill notebook, with early termination.
+
+A sweep spec (`templates/sweeps/*.yaml`) names a base run config and the axes to vary. Every run
+executes `notebooks/01_run.ipynb` headless; the executed notebook is kept as `RUN_DIR/report.ipynb`,
+failed or not. While runs train, a watcher thread applies one rung of successive halving on the
+shared resource axis (samples seen): runs whose early-training score ranks in the worst
+`stop_fraction` get a STOP file. Decisions and the compute they saved go to `SWEEP_DIR/sweep.json`.
+
+Comparing runs on one axis when fewer run at once than the sweep holds: every probed run is ranked
+against *all* runs of this sweep probed so far (live, finished or stopped), by their score over the
+same first `probe_samples`, and stopped when its rank falls in the worst floor(stop_fraction * n)
+of those n runs. Each run is judged once (one rung). A decision waits while a live run is still
+short of the probe, so runs started together are ranked together (with every run at once this is
+plain successive halving), but a probed run waits at most `wait` probe budgets more; later runs
+then face the bar set by the earlier ones, as in asynchronous successive halving (ASHA). Ties in
+the score go to the run with the lower early gradient norm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from labkit import runfiles
+from labkit.config import ConfigError, RunConfig, from_dict, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_NOTEBOOK = "notebooks/01_run.ipynb"
+SWEEPS_DIR = "sweeps"  # sweep dirs live in RUNS_ROOT/sweeps/NAME/, beside the run dirs
+
+# Short names for the axes people sweep most, so run names stay readable.
+ALIASES = {
+    "effective_batch_size": "ebs",
+    "learning_rate": "lr",
+    "schedule": "sched",
+    "warmup_steps": "warm",
+    "warmup_ratio": "warm",
+    "max_tokens_per_device": "mtpd",
+    "weight_decay": "wd",
+    "epochs": "ep",
+    "seed": "seed",
+    "max_steps": "steps",
+}
+
+
+class SweepError(ValueError):
+    """A sweep spec that cannot be expanded; the message names the file and the bad entry."""
+
+
+class EarlyTermination(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    probe_samples: int | None = Field(default=None, ge=1)
+    probe_steps: int | None = Field(default=None, ge=1)
+    stop_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
+    min_runs: int = Field(default=2, ge=2)
+    score: str = "paper"
+    # How far past the probe (in probe budgets) a run may train while its decision waits for
+    # slower live runs to reach the probe; after that it is ranked against the runs probed so far.
+    wait: float = Field(default=1.0, ge=0.0)
+    enabled: bool = True
+
+    @model_validator(mode="after")
+    def _one_probe(self) -> EarlyTermination:
+        if (self.probe_samples is None) == (self.probe_steps is None):
+            raise ValueError("give exactly one of 'probe_samples' or 'probe_steps'")
+        return self
+
+    @property
+    def axis(self) -> str:
+        return "samples" if self.probe_samples else "step"
+
+    @property
+    def budget(self) -> int:
+        return self.probe_samples or self.probe_steps  # type: ignore[return-value]
+
+
+class SweepSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    base: str | dict[str, Any]
+    axes: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
+    runs: list[dict[str, Any]] = Field(default_factory=list)
+    concurrency: int = Field(default=2, ge=1)
+    early_termination: EarlyTermination | None = None
+    notebook: str = DEFAULT_NOTEBOOK
+    runs_root: str | None = None
+    # Extra papermill parameters for every run's notebook (evaluate_tasks, eval_limit, ...).
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    source: str | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepSpec:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise ValueError(f"name {self.name!r}: use letters, digits, '.', '_' and '-'")
+        if not self.axes and not self.runs:
+            raise ValueError("nothing to run: give 'axes' and/or 'runs'")
+        return self
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"{path}: no such sweep spec")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SweepError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SweepError(f"{path}: a sweep spec must be a YAML mapping")
+    return _validate(data, str(path))
+
+
+def _validate(data: dict[str, Any], source: str | None) -> SweepSpec:
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{source or 'sweep spec'}: invalid sweep spec:"]
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "(spec)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field (check its spelling)"
+            lines.append(f"  - {loc}: {msg}")
+        raise SweepError("\n".join(lines)) from None
+    spec.source = source
+    return spec
+
+
+def as_spec(spec: SweepSpec | dict[str, Any] | str | Path) -> SweepSpec:
+    if isinstance(spec, SweepSpec):
+        return spec
+    if isinstance(spec, dict):
+        return _validate(spec, None)
+    return load_spec(spec)
+
+
+# -- expansion ---------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        if value != 0 and (abs(value) < 0.1 or abs(value) >= 1e4):
+            mantissa, exp = f"{value:.3e}".split("e")
+            return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return "+".join(_fmt(v) for v in value)
+    if isinstance(value, dict):
+        return "+".join(f"{k}-{_fmt(v)}" for k, v in value.items())
+    return str(value)
+
+
+def run_key(overrides: dict[str, Any]) -> str:
+    """The part of a run name that identifies its overrides, e.g. `ebs32_lr3e-3`."""
+    if "name" in overrides:
+        return str(overrides["name"])
+    parts = []
+    for key, value in overrides.items():
+        alias = ALIASES.get(key, key.split(".")[-1].replace("_", "-"))
+        sep = "" if isinstance(value, int | float) and not isinstance(value, bool) else "-"
+        parts.append(f"{alias}{sep}{_fmt(value)}")
+    key = "_".join(parts) or "base"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", key).strip("-.")[:100]
+
+
+def _base(spec: SweepSpec) -> dict[str, Any]:
+    if isinstance(spec.base, dict):
+        return dict(spec.base)
+    candidates = [Path(spec.base)]
+    if spec.source:
+        candidates.insert(0, Path(spec.source).parent / spec.base)
+    candidates.append(ROOT / spec.base)
+    for path in candidates:
+        if path.is_file():
+            data = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(data, dict):
+                raise SweepError(f"{path}: base run config must be a YAML mapping")
+            return data
+    raise SweepError(f"{spec.source or 'sweep spec'}: base: no such run config {spec.base!r}")
+
+
+def overrides_of(spec: SweepSpec) -> list[dict[str, Any]]:
+    """One overrides dict per run: the grid product of `axes`, then the explicit `runs`."""
+    out = []
+    if spec.axes:
+        keys = list(spec.axes)
+        out += [dict(zip(keys, combo)) for combo in itertools.product(*spec.axes.values())]
+    out += [dict(r) for r in spec.runs]
+    return out
+
+
+def expand(spec: SweepSpec | dict[str, Any] | str | Path, runs_root: str | Path | None = None) -> list[RunConfig]:
+    """The sweep's run configs, named `SWEEP__KEY`; an invalid combination names its axis values."""
+    spec = as_spec(spec)
+    base = _base(spec)
+    root = runs_root or spec.runs_root
+    where = spec.source or "sweep spec"
+    configs, seen = [], {}
+    for i, over in enumerate(overrides_of(spec)):
+        name = f"{spec.name}__{run_key(over)}"
+        if name in seen:
+            raise SweepError(f"{where}: runs {seen[name]} and {i} both get the name {name!r}; "
+                             "give one of them a distinct 'name'")
+        seen[name] = i
+        updates = {k: v for k, v in over.items() if k != "name"}
+        updates["name"] = name
+        if root is not None:
+            updates["runs_root"] = str(root)
+        data = json.loads(json.dumps(base))
+        for key, value in updates.items():
+            _set_dotted(data, key, value)
+        try:
+            configs.append(from_dict(data, source=f"{where}: run {name} ({_describe(over)})"))
+        except ConfigError as e:
+            raise SweepError(str(e)) from None
+    return configs
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        data = data.setdefault(p, {})
+    data[parts[-1]] = value
+
+
+def _describe(over: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in over.items()) or "base config"
+
+
+# -- early termination -------------------------------------------------------------------------
+
+
+def early_scores(runs_root: Path, names: list[str], et: EarlyTermination) -> dict[str, dict[str, float]]:
+    """Early score (higher is better) and signals per run over the first probe budget, relative to `names`."""
+    from labkit.store import Store
+
+    kw = {"first_samples": et.probe_samples} if et.probe_samples else {"first_steps": et.probe_steps}
+    df = Store(runs_root).early_dynamics(runs=names, score=et.score, **kw)
+    return {r["run_id"]: {"early_score": float(r["early_score"]), "grad_norm_mean": float(r["grad_norm_mean"]),
+                          "loss_mean": float(r["loss_mean"])}
+            for _, r in df.iterrows() if r["complete"] and _finite(r["early_score"])}
+
+
+def _finite(x: Any) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+class Watcher:
+    """Applies the early-termination rule to a sweep's live runs (see the module docstring)."""
+
+    def __init__(self, sweep: Sweep, et: EarlyTermination, poll: float = 1.0):
+        self.sweep, self.et, self.poll = sweep, et, poll
+        self.decided: set[str] = set()
+        self.stopped: dict[str, dict[str, Any]] = {}
+        self.scores: dict[str, float] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sweep-watcher", daemon=True)
+        self.error: str | None = None
+
+    def start(self) -> None:
+        import labkit.store  # noqa: F401 - import duckdb now, not at the first decision
+
+        self._thread.start()
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._done.wait(self.poll):
+            try:
+                self.tick()
+            except Exception as e:  # noqa: BLE001 - a store hiccup must not kill the sweep
+                self.error = f"{type(e).__name__}: {e}"
+                self.sweep.log(f"early termination: {self.error}")
+
+    def position(self, status: dict[str, Any]) -> int:
+        return int(status.get("samples" if self.et.probe_samples else "step") or 0)
+
+    def tick(self) -> None:
+        sweep, et = self.sweep, self.et
+        probed, live_short, position = [], False, {}
+        for name in sweep.names:
+            st = runfiles.read_status(sweep.run_dirs[name])
+            live = name in sweep.in_flight and st.get("state") not in runfiles.FINAL_STATES
+            position[name] = self.position(st)
+            if position[name] >= et.budget:
+                probed.append((name, live))
+            elif live:
+                live_short = True
+        candidates = [n for n, live in probed if live and n not in self.decided]
+        overdue = any(position[n] >= et.budget * (1 + et.wait) for n in candidates)
+        # Runs started together are ranked together: wait for live runs still short of the probe,
+        # unless a candidate has already trained `wait` probe budgets past it.
+        if (live_short and not overdue) or not candidates or len(probed) < et.min_runs:
+            return
+        signals = early_scores(sweep.runs_root, [n for n, _ in probed], et)
+        scores = {n: v["early_score"] for n, v in signals.items()}
+        self.scores.update(scores)
+        # Best first; ties (the paper score is a sum of ranks) go to the lower early grad norm.
+        pool = sorted(scores, key=lambda n: (-scores[n], signals[n]["grad_norm_mean"], n))
+        if len(pool) < et.min_runs:
+            return
+        n_stop = math.floor(et.stop_fraction * len(pool))
+        worst = set(pool[len(pool) - n_stop:]) if n_stop else set()
+        now = time.time()
+        live = {n for n, is_live in probed if is_live}
+        decision = {"time": now, "axis": et.axis, "budget": et.budget, "pool": len(pool),
+                    "ranking": [{"run": n, **signals[n], "rank": i + 1,
+                                 "verdict": "decided earlier" if n in self.decided
+                                 else "ended before the decision" if n not in live else None}
+                                for i, n in enumerate(pool)],
+                    "stopped": [], "kept": []}
+        verdicts = {}
+        for name in candidates:
+            if name not in scores:
+                continue  # the store has no score yet (too few rows); try on the next tick
+            self.decided.add(name)
+            rank = pool.index(name) + 1
+            if name in worst:
+                reason = (f"early termination by sweep {sweep.name}: early score {scores[name]:.4g} ranks "
+                          f"{rank}/{len(pool)} after {et.budget} {et.axis} (worst {et.stop_fraction:.0%} stop)")
+                stop_file = sweep.run_dirs[name] / runfiles.STOP
+                tmp = stop_file.with_name(".STOP.tmp")
+                tmp.write_text(reason + "\n")
+                tmp.replace(stop_file)
+                self.stopped[name] = {**signals[name], "rank": rank, "pool": len(pool), "time": now,
+                                      "reason": reason}
+                decision["stopped"].append(name)
+                verdicts[name] = "stopped"
+                sweep.log(f"stop {name}: {reason}")
+            else:
+                decision["kept"].append(name)
+                verdicts[name] = "kept"
+        for r in decision["ranking"]:
+            r["verdict"] = verdicts.get(r["run"], r["verdict"])
+        sweep.record_decision(decision)
+
+
+# -- execution ---------------------------------------------------------------------------------
+
+
+class Sweep:
+    """One sweep execution: run configs, their notebooks, the watcher and `sweep.json`."""
+
+    def __init__(self, spec: SweepSpec, runs_root: Path, name: str | None = None, log=print):
+        if name and name != spec.name:
+            spec = spec.model_copy(update={"name": name})
+        self.spec, self.name, self.log = spec, spec.name, log
+        self.runs_root = Path(runs_root)
+        self.dir = self.runs_root / SWEEPS_DIR / self.name
+        self.configs = expand(spec, runs_root)
+        self.overrides = overrides_of(spec)
+        self.names = [c.name for c in self.configs]
+        self.run_dirs = {c.name: c.run_dir for c in self.configs}
+        self.in_flight: set[str] = set()
+        self.results: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self.record: dict[str, Any] = {}
+
+    def save(self) -> None:
+        with self._lock:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            runfiles.write_json_atomic(self.dir / "sweep.json", self.record)
+
+    def record_decision(self, decision: dict[str, Any]) -> None:
+        with self._lock:
+            self.record["early_termination"]["decisions"].append(decision)
+            self.record["early_termination"]["stopped"].update(
+                {n: self.watcher.stopped[n] for n in decision["stopped"]})
+        self.save()
+
+    def execute(self, early_termination: bool = True, parameters: dict[str, Any] | None = None,
+                poll: float = 1.0) -> list[dict[str, Any]]:
+        spec = self.spec
+        et = spec.early_termination if early_termination and spec.early_termination else None
+        if et is not None and not et.enabled:
+            et = None
+        params = {**spec.parameters, **(parameters or {})}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        cfg_dir = self.dir / "configs"
+        cfg_dir.mkdir(exist_ok=True)
+        self.record = {
+            "name": self.name, "spec": spec.model_dump(mode="json"), "source": spec.source,
+            "runs_root": str(self.runs_root), "started_at": time.time(), "ended_at": None,
+            "concurrency": spec.concurrency, "parameters": params,
+            "runs": [{"name": c.name, "key": run_key(o), "overrides": o, "config": str(cfg_dir / f"{c.name}.yaml"),
+                      "notebook": str(c.run_dir / "report.ipynb")} for c, o in zip(self.configs, self.overrides)],
+            "early_termination": ({**et.model_dump(), "decisions": [], "stopped": {}} if et else None),
+        }
+        for c in self.configs:
+            c.save(cfg_dir / f"{c.name}.yaml")
+        self.save()
+        self.watcher = Watcher(self, et, poll) if et else None
+        if self.watcher:
+            self.watcher.start()
+        try:
+            with ThreadPoolExecutor(max_workers=spec.concurrency, thread_name_prefix="sweep") as pool:
+                futures = [pool.submit(self._run_one, c, cfg_dir / f"{c.name}.yaml", params) for c in self.configs]
+                results = [f.result() for f in futures]
+        finally:
+            if self.watcher:
+                self.watcher.close()
+        self.record["results"] = results
+        self.record["ended_at"] = time.time()
+        if et:
+            self.record["early_termination"]["scores"] = self.watcher.scores
+            self.record["early_termination"]["watcher_error"] = self.watcher.error
+            self.record["compute"] = compute_saved(self.run_dirs, self.watcher.stopped)
+        self.save()
+        return results
+
+    def _run_one(self, cfg: RunConfig, config_path: Path, params: dict[str, Any]) -> dict[str, Any]:
+        from labkit.report import execute
+
+        run_dir = cfg.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        out = run_dir / "report.ipynb"
+        notebook = Path(self.spec.notebook)
+        if not notebook.is_absolute():
+            notebook = ROOT / notebook
+        # Runs at once share the cores: oversubscribed torch threads slow every run down a lot.
+        threads = max(1, (os.cpu_count() or 1) // min(self.spec.concurrency, len(self.configs)))
+        parameters = {"config_path": str(config_path.resolve()), "overrides": {}, "threads": threads,
+                      "runs_root": str(self.runs_root.resolve()), "interactive": False, "wait": True, **params}
+        t0 = time.time()
+        with self._lock:
+            self.in_flight.add(cfg.name)
+        self.log(f"start {cfg.name}")
+        error = None
+        try:
+            execute(notebook, out, parameters)
+        except Exception as e:  # noqa: BLE001 - a failed run keeps its notebook; the sweep goes on
+            error = _short_error(e)
+        finally:
+            with self._lock:
+                self.in_flight.discard(cfg.name)
+        st = runfiles.read_status(run_dir)
+        result = {"name": cfg.name, "state": st.get("state") if not error or st.get("state") == "failed"
+                  else "failed", "notebook_error": error, "seconds": round(time.time() - t0, 1)}
+        self.log(f"end   {cfg.name}: {result['state']} in {result['seconds']}s" + (f" ({error})" if error else ""))
+        return result
+
+
+def _short_error(e: Exception) -> str:
+    ename, evalue = getattr(e, "ename", None), getattr(e, "evalue", None)
+    text = f"{ename}: {evalue}" if ename else f"{type(e).__name__}: {e}"
+    return " ".join(line.strip() for line in text.splitlines())[:1000]
+
+
+def planned_samples(run_dir: Path) -> int:
+    """Samples the run would see to the end: its data (status.json), capped by max_steps x batch size."""
+    st = runfiles.read_status(run_dir)
+    total = int(st.get("total_samples") or 0)
+    try:
+        cfg = load_config(Path(run_dir) / "config.yaml")
+    except ConfigError:
+        return total
+    return min(total, cfg.max_steps * cfg.effective_batch_size) if cfg.max_steps else total
+
+
+def compute_saved(run_dirs: dict[str, Path], stopped: dict[str, Any]) -> dict[str, Any]:
+    """Samples not spent: planned total samples minus samples seen, summed over the stopped runs."""
+    planned = seen = saved = 0
+    for name, run_dir in run_dirs.items():
+        total = planned_samples(run_dir)
+        done = int(runfiles.read_status(run_dir).get("samples") or 0)
+        planned += total
+        seen += done
+        if name in stopped:
+            saved += max(total - done, 0)
+    return {"planned_samples": planned, "seen_samples": seen, "saved_samples": saved,
+            "saved_fraction": saved / planned if planned else 0.0}
+
+
+def sweep_dir(runs_root: str | Path, name: str) -> Path:
+    return Path(runs_root) / SWEEPS_DIR / name
+
+
+def run_sweep(spec: SweepSpec | dict[str, Any] | str | Path, runs_root: str | Path | None = None,
+              early_termination: bool = True, parameters: dict[str, Any] | None = None,
+              name: str | None = None, overwrite: bool = False, poll: float = 1.0, log=print):
+    """Run every config of the sweep through the run notebook; returns the summary table.
+
+    Runs that already exist under `runs_root` are an error unless `overwrite` (which deletes them
+    and the sweep's directory first).
+    """
+    spec = as_spec(spec)
+    root = Path(runs_root or spec.runs_root or "runs")
+    sweep = Sweep(spec, root, name=name, log=log)
+    existing = [d for d in sweep.run_dirs.values() if d.exists()]
+    if existing and not overwrite:
+        raise SweepError(f"sweep {sweep.name}: {len(existing)} of its runs already exist under {root} "
+                         f"({existing[0].name}, ...); pass overwrite=True or another name")
+    if overwrite:
+        from labkit.launch import Run
+
+        for d in existing:
+            if Run(d).is_alive():
+                raise SweepError(f"{d}: run is still live; stop it before overwriting the sweep")
+            shutil.rmtree(d)
+        # Not the whole sweep dir: a sweep notebook may be writing its report.ipynb there.
+        shutil.rmtree(sweep.dir / "configs", ignore_errors=True)
+        (sweep.dir / "sweep.json").unlink(missing_ok=True)
+    sweep.execute(early_termination=early_termination, parameters=parameters, poll=poll)
+    return summary(sweep.dir)
+
+
+# -- reading a sweep back ----------------------------------------------------------------------
+
+
+def read_sweep(sweep_dir: str | Path) -> dict[str, Any]:
+    path = Path(sweep_dir) / "sweep.json"
+    if not path.is_file():
+        raise SweepError(f"{path}: no sweep record here")
+    return json.loads(path.read_text())
+
+
+def summary(sweep_dir: str | Path):
+    """One row per run: axis values, state, samples, early score, stop decision, final loss, evals."""
+    import pandas as pd
+
+    rec = read_sweep(sweep_dir)
+    et = rec.get("early_termination") or {}
+    stopped, scores = et.get("stopped", {}), et.get("scores", {})
+    results = {r["name"]: r for r in rec.get("results", [])}
+    rows = []
+    for run in rec["runs"]:
+        run_dir = Path(run["notebook"]).parent
+        st = runfiles.read_status(run_dir)
+        metrics = runfiles.read_metrics(run_dir)
+        val = [m["val_loss"] for m in metrics if m.get("val_loss") is not None]
+        row = {"run": run["name"], "key": run["key"], **{k: _cell(v) for k, v in run["overrides"].items()},
+               "state": results.get(run["name"], {}).get("state") or st.get("state"),
+               "samples": st.get("samples"), "planned_samples": planned_samples(run_dir),
+               "final_loss": metrics[-1]["loss"] if metrics else None,
+               "final_val_loss": val[-1] if val else None, "best_val_loss": min(val) if val else None,
+               "early_score": scores.get(run["name"]),
+               # Stopped by this sweep, and not finished before the STOP file was read.
+               "stopped_early": run["name"] in stopped and st.get("state") == "stopped",
+               "error": results.get(run["name"], {}).get("notebook_error") or st.get("error")}
+        row.update(eval_scores(run_dir))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _cell(v: Any) -> Any:
+    return v if isinstance(v, int | float | str | bool) or v is None else _fmt(v)
+
+
+def eval_files(run_dir: str | Path) -> list[Path]:
+    """RUN_DIR/evals/STEP.json files, oldest step first."""
+    return sorted((Path(run_dir) / "evals").glob("*.json"), key=_step_of)
+
+
+def eval_scores(run_dir: str | Path, path: Path | None = None) -> dict[str, float]:
+    """Scores of one `evals/STEP.json` (default: the newest) as {'task/metric': value}."""
+    from labkit.store import read_eval_file
+
+    files = [path] if path else eval_files(run_dir)[-1:]
+    if not files:
+        return {}
+    try:
+        rows = read_eval_file(files[0])
+    except ValueError:
+        return {}  # a file being written; the next read sees it whole
+    return {f"{r['task']}/{r['metric']}": float(r["value"]) for r in rows if _finite(r["value"])}
+
+
+def _step_of(p: Path) -> float:
+    digits = re.sub(r"\D", "", p.stem)
+    return int(digits) if digits else math.inf  # `final.json` after every step
+
+
+def compare_with_full(et_sweep_dir: str | Path, full_sweep_dir: str | Path, score: str) -> dict[str, Any]:
+    """Were the runs the early-terminated sweep stopped in fact worse by final score in the full sweep?
+
+    `score` is a column of `summary()` (e.g. `labkit_knowledge_mc/acc` or `final_loss`; for a
+    loss, lower is better). Runs are matched by their key (the axis values).
+    """
+    et, full = summary(et_sweep_dir), summary(full_sweep_dir)
+    if score not in full.columns:
+        raise SweepError(f"{full_sweep_dir}: no {score!r} column; have {sorted(full.columns)}")
+    lower_better = "loss" in score
+    final = dict(zip(full["key"], full[score]))
+    stopped = list(et.loc[et["stopped_early"], "key"])
+    kept = [k for k in et["key"] if k not in stopped]
+    order = sorted((k for k in final if _finite(final[k])), key=lambda k: final[k], reverse=not lower_better)
+    rank = {k: i + 1 for i, k in enumerate(order)}
+    n_stop = len(stopped)
+    worst = set(order[len(order) - n_stop:]) if n_stop else set()
+    rows = [{"key": k, "final": final.get(k), "final_rank": rank.get(k), "stopped": k in stopped,
+             "in_worst": k in worst} for k in et["key"]]
+    hits = sum(1 for k in stopped if k in worst)
+    best_kept = [rank[k] for k in kept if k in rank]
+    return {"score": score, "lower_is_better": lower_better, "runs": rows, "stopped": stopped,
+            "stopped_in_worst": hits, "precision": hits / n_stop if n_stop else None,
+            "best_run_kept": bool(order) and order[0] in kept, "best_kept_rank": min(best_kept, default=None)}
+
+
+SWEEP_NOTEBOOK = "notebooks/02_sweep.ipynb"
+
+
+def run_sweep_notebook(spec_path: str | Path, runs_root: str | Path = "runs", name: str | None = None,
+                       early_termination: bool = True, overwrite: bool = False,
+                       parameters: dict[str, Any] | None = None) -> Path:
+    """Execute `02_sweep.ipynb` for a spec file, leaving its report in SWEEP_DIR/report.ipynb."""
+    import papermill as pm
+
+    from labkit.report import execute
+
+    spec = load_spec(spec_path)
+    expand(spec, runs_root)  # a bad spec fails here, before any kernel starts
+    out_dir = sweep_dir(runs_root, name or spec.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "report.ipynb"
+    try:
+        execute(ROOT / SWEEP_NOTEBOOK, out, {
+            "sweep_spec": str(Path(spec_path).resolve()), "runs_root": str(Path(runs_root).resolve()),
+            "sweep_name": name, "early_termination": early_termination, "overwrite": overwrite,
+            "parameters": parameters or {}, "interactive": False})
+    except pm.PapermillExecutionError as e:
+        raise SweepError(f"the sweep notebook failed: {_short_error(e)} (executed notebook: {out})") from None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m labkit.sweep", description="Run a sweep spec.")
+    ap.add_argument("spec", help="sweep spec YAML (templates/sweeps/*.yaml)")
+    ap.add_argument("--root", default="runs", help="runs root (default: runs)")
+    ap.add_argument("--name", default=None, help="sweep name (default: the spec's)")
+    ap.add_argument("--no-early-termination", action="store_true", help="run every config to the end")
+    ap.add_argument("--overwrite", action="store_true", help="delete the sweep's earlier runs first")
+    ap.add_argument("--dry-run", action="store_true", help="list the run names and exit")
+    return cli(ap.parse_args(argv))
+
+
+def cli(args: argparse.Namespace) -> int:
+    """`labkit sweep`: the sweep runs inside `02_sweep.ipynb`, so it leaves a report beside sweep.json."""
+    try:
+        if args.dry_run:
+            for cfg in expand(args.spec, args.root):
+                print(f"{cfg.name}  {cfg.run_dir}")
+            return 0
+        spec = load_spec(args.spec)
+        out = run_sweep_notebook(args.spec, args.root, name=args.name,
+                                 early_termination=not args.no_early_termination, overwrite=args.overwrite)
+    except (SweepError, ConfigError) as e:
+        print(f"error: {e}")
+        return 2
+    df = summary(out.parent)
+    print(df.to_string(index=False))
+    print(f"sweep {args.name or spec.name}: {out.parent / 'sweep.json'}, notebook {out}")
+    return 0 if (df["state"] != "failed").all() else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,251 @@
+"""Sweeps: spec expansion, papermill execution, early termination and failed runs.
+
+The execution tests share one real sweep (module fixture): two trainable configs and one whose
+dataset does not exist, run concurrently through `notebooks/01_run.ipynb` with papermill and a
+real kernel, the tiny model training a few steps with accelerate, early termination on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from labkit import runfiles, sweep
+from labkit.sweep import SweepError, compare_with_full, expand, run_key
+
+TINY = {
+    "model": "tiny",
+    "datasets": ["knowledge"],
+    "max_steps": 40,  # ~0.1 s a step: room for the decision after the probe
+    "effective_batch_size": 8,
+    "max_tokens_per_device": 2048,
+    "max_seq_len": 256,
+    "learning_rate": 3.0e-3,
+    "save_final": False,
+    "keep_checkpoints": 1,
+    "distributed": {"cpu": True},
+}
+
+
+def test_expand_names_runs_by_sweep_and_axis_values():
+    spec = {"name": "bs-lr", "base": TINY, "axes": {"effective_batch_size": [32, 64], "learning_rate": [3e-3, 1e-4]}}
+    cfgs = expand(spec, "/tmp/r")
+    assert [c.name for c in cfgs] == ["bs-lr__ebs32_lr3e-3", "bs-lr__ebs32_lr1e-4",
+                                      "bs-lr__ebs64_lr3e-3", "bs-lr__ebs64_lr1e-4"]
+    assert cfgs[3].effective_batch_size == 64 and cfgs[3].learning_rate == 1e-4
+    assert all(str(c.run_dir).startswith("/tmp/r/") for c in cfgs)
+
+
+def test_expand_appends_explicit_runs_with_nested_overrides():
+    spec = {"name": "ps", "base": TINY, "runs": [
+        {"name": "stacked"},
+        {"name": "phased", "datasets": [], "phases": [{"datasets": ["knowledge"]}, {"datasets": ["skills"]}]},
+        {"distributed.num_processes": 2, "schedule": "cosine"},
+    ]}
+    cfgs = expand(spec)
+    assert [c.name for c in cfgs] == ["ps__stacked", "ps__phased", "ps__num-processes2_sched-cosine"]
+    assert len(cfgs[1].training_phases()) == 2
+    assert cfgs[2].distributed.num_processes == 2
+
+
+def test_expand_error_names_the_bad_axis_value():
+    spec = {"name": "bad", "base": TINY, "axes": {"effective_batch_size": [8, 0]}}
+    with pytest.raises(SweepError, match=r"(?s)bad__ebs0 \(effective_batch_size=0\).*effective_batch_size"):
+        expand(spec)
+
+
+def test_spec_errors_name_file_and_field(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nbase: {datasets: [knowledge]}\naxes: {learning_rate: []}\nconcurency: 2\n")
+    with pytest.raises(SweepError) as e:
+        sweep.load_spec(path)
+    assert str(path) in str(e.value) and "concurency: unknown field" in str(e.value)
+    assert "axes.learning_rate: List should have at least 1 item" in str(e.value)
+    with pytest.raises(SweepError, match="exactly one of 'probe_samples' or 'probe_steps'"):
+        expand({"name": "s", "base": TINY, "axes": {"seed": [1]}, "early_termination": {"stop_fraction": 0.5}})
+
+
+def test_run_key_is_path_safe():
+    assert run_key({"learning_rate": 2e-5, "effective_batch_size": 3840}) == "lr2e-5_ebs3840"
+    assert run_key({"datasets": ["a/b", "c"]}) == "datasets-a-b-c"
+    assert run_key({"name": "phased"}) == "phased"
+
+
+# -- a real sweep ------------------------------------------------------------------------------
+
+PROBE = 24  # samples: 3 steps of 8
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory, tiny_dir):
+    root = tmp_path_factory.mktemp("runs")
+    spec = {
+        "name": "et",
+        "base": TINY,
+        "runs": [{"learning_rate": 3e-3}, {"learning_rate": 3e-2}, {"name": "broken", "datasets": ["no_such_dataset"]}],
+        "concurrency": 3,
+        "early_termination": {"probe_samples": PROBE, "stop_fraction": 0.5, "min_runs": 2},
+        "parameters": {"evaluate_tasks": [], "poll_seconds": 0.5},
+    }
+    logs: list[str] = []
+    df = sweep.run_sweep(spec, root, poll=0.3, log=logs.append)
+    return root, df, sweep.read_sweep(root / "sweeps" / "et"), logs
+
+
+def test_early_termination_stops_the_worst_fraction(executed):
+    root, df, rec, _ = executed
+    et = rec["early_termination"]
+    assert len(et["stopped"]) == 1  # floor(0.5 * 2 probed runs); the broken run is never probed
+    (name, info), = et["stopped"].items()
+    scores = et["scores"]
+    assert set(scores) == {"et__lr3e-3", "et__lr3e-2"}
+    assert scores[name] == min(scores.values())  # higher early score is better
+    status = runfiles.read_status(root / name)
+    assert status["state"] == "stopped" and "early termination by sweep et" in status["stop_reason"]
+    planned = TINY["max_steps"] * TINY["effective_batch_size"]
+    assert PROBE <= status["samples"] < planned  # stopped before its last step
+    assert rec["compute"]["saved_samples"] == planned - status["samples"]
+    assert rec["compute"]["planned_samples"] == 2 * planned
+    decision = et["decisions"][0]
+    assert decision["stopped"] == [name] and decision["budget"] == PROBE and decision["axis"] == "samples"
+    kept = next(n for n in scores if n != name)
+    assert df.set_index("run").loc[kept, "state"] == "finished"
+
+
+def test_store_records_stopped_runs_with_their_early_scores(executed):
+    from labkit.store import Store
+
+    root, _, rec, _ = executed
+    et = rec["early_termination"]
+    name = next(iter(et["stopped"]))
+    store = Store(root)
+    runs = store.runs_table().set_index("run_id")
+    assert runs.loc[name, "status"] == "stopped"
+    assert "early termination" in runs.loc[name, "stop_reason"]
+    early = store.early_dynamics(first_samples=PROBE, runs=sorted(et["scores"])).set_index("run_id")
+    assert early.loc[name, "early_score"] == pytest.approx(et["stopped"][name]["early_score"])
+    assert early.loc[name, "rank"] == len(et["scores"])  # ranked last
+
+
+def test_failed_run_keeps_its_notebook_with_the_error_and_the_sweep_goes_on(executed):
+    from labkit.report import notebook_error
+
+    root, df, rec, logs = executed
+    rows = df.set_index("run")
+    assert rows.loc["et__broken", "state"] == "failed"
+    assert "no_such_dataset" in rows.loc["et__broken", "error"]
+    nb = root / "et__broken" / "report.ipynb"
+    assert "no_such_dataset" in notebook_error(nb)
+    text = json.loads(nb.read_text())
+    assert any("papermill-error-cell-tag" in c["metadata"].get("tags", []) for c in text["cells"])
+    assert (rows.drop("et__broken")["state"] != "failed").all()  # the other runs still trained
+    assert any(line.startswith("end   et__broken: failed") for line in logs)
+
+
+def test_sweep_refuses_to_overwrite_runs_unless_asked(executed):
+    root, _, _, _ = executed
+    spec = {"name": "et", "base": TINY, "runs": [{"learning_rate": 3e-3}]}
+    with pytest.raises(SweepError, match="already exist"):
+        sweep.run_sweep(spec, root)
+
+
+def test_compare_with_full_scores_the_stopping_decisions(tmp_path):
+    # Two recorded sweeps over the same keys: `et` stopped `b`, the full sweep shows `b` was worst.
+    def fake(name: str, stopped: dict, losses: dict):
+        d = tmp_path / "sweeps" / name
+        d.mkdir(parents=True)
+        runs = []
+        for key, loss in losses.items():
+            run_dir = tmp_path / f"{name}__{key}"
+            run_dir.mkdir()
+            (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "samples": 8, "loss": loss}) + "\n")
+            state = "stopped" if run_dir.name in stopped else "finished"
+            runfiles.write_json_atomic(run_dir / "status.json", {"state": state, "samples": 8})
+            runs.append({"name": f"{name}__{key}", "key": key, "overrides": {},
+                         "notebook": str(run_dir / "report.ipynb")})
+        rec = {"name": name, "runs": runs, "early_termination": {"stopped": stopped, "scores": {}}}
+        (d / "sweep.json").write_text(json.dumps(rec))
+        return d
+
+    et = fake("et", {"et__b": {}}, {"a": 1.0, "b": 3.0, "c": 2.0})
+    full = fake("full", {}, {"a": 1.0, "b": 3.0, "c": 2.0})
+    check = compare_with_full(et, full, "final_loss")
+    assert check["stopped"] == ["b"] and check["stopped_in_worst"] == 1 and check["precision"] == 1.0
+    assert check["best_run_kept"] is True
+    assert [r["final_rank"] for r in check["runs"]] == [1, 3, 2]
+
+
+# -- the decision rule, on run files written as a trainer writes them ----------------------------
+
+
+def _trainer_files(run_dir, grad_norm: float, loss: float, steps: int, state: str = "running"):
+    """status.json and metrics.jsonl of a run at `steps` steps of 8 samples."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"step": s, "phase": 0, "samples": 8 * s, "loss": loss, "grad_norm": grad_norm} for s in range(1, steps + 1)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runfiles.write_json_atomic(run_dir / "status.json", {"state": state, "step": steps, "samples": 8 * steps,
+                                                         "total_samples": 800})
+
+
+def _watcher(root, names, wait=1.0):
+    spec = sweep.as_spec({"name": "w", "base": TINY, "runs": [{"name": n} for n in names],
+                          "early_termination": {"probe_samples": 16, "stop_fraction": 0.5, "wait": wait}})
+    sw = sweep.Sweep(spec, root, log=lambda _: None)
+    sw.record = {"early_termination": {"decisions": [], "stopped": {}}}
+    sw.watcher = sweep.Watcher(sw, spec.early_termination)
+    sw.in_flight = set(sw.names)
+    return sw, sw.watcher
+
+
+def test_decision_waits_for_live_runs_short_of_the_probe(tmp_path):
+    sw, w = _watcher(tmp_path, ["a", "b", "c"])
+    _trainer_files(tmp_path / "w__a", grad_norm=1.0, loss=3.0, steps=2)  # best: low grad norm, high loss
+    _trainer_files(tmp_path / "w__b", grad_norm=3.0, loss=1.0, steps=2)  # worst
+    _trainer_files(tmp_path / "w__c", grad_norm=2.0, loss=2.0, steps=1)  # not at the probe yet
+    w.tick()
+    assert not w.decided and not (tmp_path / "w__b" / "STOP").exists()
+    _trainer_files(tmp_path / "w__c", grad_norm=2.0, loss=2.0, steps=2)
+    w.tick()
+    assert set(w.stopped) == {"w__b"}  # floor(0.5 * 3) = 1, the worst of the three
+    assert "ranks 3/3 after 16 samples" in (tmp_path / "w__b" / "STOP").read_text()
+    assert w.decided == {"w__a", "w__b", "w__c"}
+
+
+def test_a_late_run_is_ranked_against_the_runs_probed_before_it(tmp_path):
+    sw, w = _watcher(tmp_path, ["a", "b", "c"])
+    sw.in_flight = {"w__a", "w__b"}  # c has not started: concurrency 2
+    _trainer_files(tmp_path / "w__a", grad_norm=1.0, loss=3.0, steps=2)
+    _trainer_files(tmp_path / "w__b", grad_norm=2.0, loss=2.0, steps=2)
+    w.tick()
+    assert set(w.stopped) == {"w__b"}
+    _trainer_files(tmp_path / "w__a", grad_norm=1.0, loss=3.0, steps=100, state="finished")
+    _trainer_files(tmp_path / "w__b", grad_norm=2.0, loss=2.0, steps=3, state="stopped")
+    sw.in_flight = {"w__c"}
+    _trainer_files(tmp_path / "w__c", grad_norm=3.0, loss=1.0, steps=2)
+    w.tick()
+    assert set(w.stopped) == {"w__b", "w__c"}  # worst 1 of 3 probed: c, though a and b have ended
+    last = sw.record["early_termination"]["decisions"][-1]
+    assert [r["verdict"] for r in last["ranking"]] == ["decided earlier", "decided earlier", "stopped"]
+
+
+def test_a_probed_run_stops_waiting_after_wait_probe_budgets(tmp_path):
+    sw, w = _watcher(tmp_path, ["a", "b", "c"], wait=1.0)
+    _trainer_files(tmp_path / "w__a", grad_norm=1.0, loss=3.0, steps=3)
+    _trainer_files(tmp_path / "w__b", grad_norm=3.0, loss=1.0, steps=3)
+    _trainer_files(tmp_path / "w__c", grad_norm=2.0, loss=2.0, steps=0)  # started late
+    w.tick()
+    assert not w.decided  # 24 samples < 2 x 16: still waiting for c
+    _trainer_files(tmp_path / "w__a", grad_norm=1.0, loss=3.0, steps=4)
+    w.tick()
+    assert set(w.stopped) == {"w__b"} and "w__c" not in w.decided
+
+
+def test_labkit_sweep_dry_run_lists_the_runs(capsys):
+    from labkit.cli import main
+
+    spec = Path(sweep.__file__).resolve().parent.parent / "templates" / "sweeps" / "bs_lr.yaml"
+    assert main(["sweep", str(spec), "--root", "/tmp/r", "--dry-run"]) == 0
+    out = capsys.readouterr().out.split()
+    assert "bs-lr__ebs64_lr1e-2" in out and "/tmp/r/bs-lr__ebs16_lr1e-3" in out

@@ -1,0 +1,134 @@
+"""Notebook panels on real run directories and a real background run."""
+
+import json
+import time
+
+import altair as alt
+import pandas as pd
+import pytest
+
+from labkit import runfiles
+from labkit.config import ConfigError, RunConfig
+from labkit.launch import Run, runs
+from labkit.widgets import Board, Configurator, Monitor
+
+TINY = dict(model="tiny", datasets=["skills"], effective_batch_size=8, max_tokens_per_device=512,
+            max_seq_len=256, learning_rate=1e-3, distributed={"cpu": True})
+
+
+@pytest.fixture
+def base(tmp_path, tiny_dir, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield RunConfig(**TINY, name="w1", runs_root=str(tmp_path / "runs"))
+    for run in runs(tmp_path / "runs"):  # a failed test must not leave training processes behind
+        if run.is_alive():
+            run.kill(grace=2)
+
+
+def fake_run(root, name, state="finished", steps=5, total=10):
+    """A run directory as the trainer leaves it (docs/run-dir.md), without training."""
+    cfg = RunConfig(**TINY, name=name, runs_root=str(root))
+    cfg.save(cfg.run_dir / "config.yaml")
+    runfiles.write_json_atomic(cfg.run_dir / runfiles.STATUS, {
+        "state": state, "pid": None, "step": steps, "samples": 8 * steps, "total_steps": total,
+        "total_samples": 8 * total, "loss": 1.5, "stop_reason": "max_steps"})
+    with (cfg.run_dir / runfiles.METRICS).open("w") as fh:
+        for s in range(1, steps + 1):
+            fh.write(json.dumps({"step": s, "samples": 8 * s, "loss": 3.0 / s, "grad_norm": 1.0 + s}) + "\n")
+    return Run(cfg.run_dir)
+
+
+def test_configurator_validates_every_change(base):
+    c = Configurator(base)
+    assert c.problems == [] and not c.launch_button.disabled
+    c.learning_rate.value = 0.0
+    assert c.problems == ["learning_rate: Input should be greater than 0"]
+    assert "learning_rate: Input should be greater than 0" in c.messages.value and c.launch_button.disabled
+    with pytest.raises(ConfigError, match="learning_rate"):
+        _ = c.config
+    c.learning_rate.value = 3e-4
+    c.name.value = "a/b"
+    assert c.problems[0].startswith("name: 'a/b' is not a safe run name")
+    c.name.value = "w2"
+    c.model.value = "/nowhere"
+    assert c.problems == ["model: '/nowhere' is not a Hugging Face checkpoint directory (no config.json)"]
+    c.model.value = "tiny"
+    c.schedule.value, c.warmup_steps.value, c.max_steps.value = "cosine", 4, 20
+    cfg = c.config
+    assert (cfg.name, cfg.learning_rate, cfg.schedule, cfg.warmup_steps, cfg.max_steps) == ("w2", 3e-4, "cosine", 4, 20)
+    assert cfg.runs_root == base.runs_root and cfg.max_seq_len == 256  # fields not on the form are kept
+
+
+def test_lr_preview_follows_the_form(base):
+    c = Configurator(base)
+    c.schedule.value, c.warmup_steps.value, c.max_steps.value = "cosine", 5, 40
+    spec = c.preview.chart.to_dict()  # validates against the vega-lite schema
+    rows = next(iter(spec["datasets"].values())) if "datasets" in spec else spec["data"]["values"]
+    lrs = [r["lr"] for r in rows]
+    assert len(lrs) == 40 and max(lrs) == pytest.approx(1e-3) and lrs[0] < lrs[4] and lrs[-1] < lrs[10]
+
+
+def test_phase_editor_orders_datasets_into_phases(base):
+    c = Configurator(base)  # base trains on skills
+    c.datasets.value = ("knowledge", "skills")
+    c.phased.value = True
+    # Phases follow the order the datasets were picked in; the arrow moves one earlier.
+    assert [p.datasets for p in c.config.phases] == [["skills"], ["knowledge"]]
+    c.move_phase_up(1)
+    c.set_phase_epochs("knowledge", 3)
+    assert [(p.datasets, p.epochs) for p in c.config.phases] == [(["knowledge"], 3), (["skills"], 1)]
+    assert len(c.phase_box.children) == 2
+    c.phased.value = False
+    assert c.config.datasets == ["knowledge", "skills"] and c.config.phases == []
+
+
+def test_launch_shows_a_monitor_that_follows_the_run(base):
+    c = Configurator(base)
+    c.name.value, c.epochs.value = "from-form", 5
+    run = c.launch()
+    assert c.launched == [run] and run.name == "from-form"
+    mon = c.monitors.children[0]
+    assert isinstance(mon, Monitor) and mon.polling
+    deadline = time.time() + 240
+    while (mon.refresh().get("step") or 0) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert mon.state == "running" and mon.progress.value >= 16 and mon.progress.max > mon.progress.value
+    assert mon.progress_label.value.startswith(f"{mon.progress.value}/")
+    assert len(mon.chart.chart.to_dict()["datasets"]) == 1
+
+    mon.stop().join(timeout=240)
+    status = mon.refresh()
+    assert status["state"] == "stopped" and mon.stop_button.disabled and mon.progress.bar_style == "warning"
+    deadline = time.time() + 10
+    while mon.polling and time.time() < deadline:
+        time.sleep(0.2)
+    assert not mon.polling  # the poller ends with the run
+    assert run.checkpoints()
+    again = c.launch()  # same name: a stopped run's directory is emptied and reused
+    assert again is not None and again.checkpoints() == []
+    assert again.stop(timeout=240)["state"] == "stopped"
+    c.monitors.children[0].close()
+
+
+def test_monitor_reads_a_finished_run(tmp_path):
+    run = fake_run(tmp_path, "done", steps=5, total=10)  # ended by max_steps before seeing every sample
+    mon = Monitor(run, autostart=False)
+    assert mon.state == "finished" and mon.progress.value == mon.progress.max == 80  # a full bar
+    assert mon.progress_label.value == "40/80 samples, step 5/10" and mon.stop_button.disabled
+    chart = mon.snapshot()
+    assert isinstance(chart, alt.TopLevelMixin)
+    assert chart.to_dict()["title"] == "done: finished at step 5"
+
+
+def test_board_lists_runs_and_charts_the_selected(tmp_path):
+    fake_run(tmp_path, "a", steps=4)
+    fake_run(tmp_path, "b", state="stopped", steps=6)
+    board = Board(str(tmp_path))
+    table = board.snapshot()
+    assert isinstance(table, pd.DataFrame) and set(table["name"]) == {"a", "b"}
+    assert set(table[["name", "state"]].itertuples(index=False, name=None)) == {("a", "finished"), ("b", "stopped")}
+    assert "<table" in board.table.value and set(board.select.options) == {"a", "b"}
+    board.select.value = ("a", "b")
+    spec = board.chart.chart.to_dict()
+    rows = [r for d in spec["datasets"].values() for r in d]
+    assert {r["run_id"] for r in rows} == {"a", "b"} and len(rows) == 10
