@@ -309,7 +309,11 @@ class Loop:
             # padded rows: same samples, same token budget, same loss.
             b = collate_padded(mb, self.pad_id)
             kw = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"]}
-        return {k: v.to(self.accel.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in kw.items()}
+        # Counted on the host before the copy: counting on the GPU would sync once per micro-batch.
+        kw["n_loss_tokens"] = int((b["labels"][..., 1:] != -100).sum())
+        cuda = self.accel.device.type == "cuda"
+        return {k: (v.pin_memory() if cuda else v).to(self.accel.device, non_blocking=True)
+                if torch.is_tensor(v) else v for k, v in kw.items()}
 
     def optimizer_step(self, opt, sched, micro: list[list], n_samples: int, eff: float, epoch: float, p_idx):
         accel, cfg, model = self.accel, self.cfg, self.model
@@ -317,7 +321,7 @@ class Loop:
         batches = [self.batch(mb) for mb in micro]
         # Global count of loss tokens in this step, known before any forward pass.
         local = torch.tensor(
-            [float(sum(int((b["labels"][..., 1:] != -100).sum()) for b in batches)),
+            [float(sum(b.pop("n_loss_tokens") for b in batches)),
              float(sum(len(s.input_ids) for mb in micro for s in mb))], device=accel.device)
         totals = accel.reduce(local, reduction="sum")
         global_tokens = max(totals[0].item(), 1.0)
@@ -424,7 +428,7 @@ class Loop:
         with torch.no_grad():
             for mb in chunks:
                 b = self.batch(mb)
-                n = float((b["labels"][..., 1:] != -100).sum())
+                n = float(b.pop("n_loss_tokens"))
                 out = self.model(**b, num_items_in_batch=max(n, 1.0))
                 sums += torch.stack([out.loss.detach() * n, torch.tensor(n, device=accel.device)])
         # Sum of token losses over sum of tokens across ranks: exact, no division by world size.
