@@ -185,7 +185,7 @@ class RunConfig(_Strict):
         """A copy with (possibly dotted, e.g. `distributed.num_processes`) fields replaced, validated."""
         data = self.model_dump(mode="json")
         for key, value in updates.items():
-            _set_dotted(data, key, value)
+            set_dotted(data, key, value)
         return from_dict(data)
 
 
@@ -193,25 +193,30 @@ def _listval(v: list) -> Any:
     return ",".join(map(str, v)) if all(not isinstance(x, dict) for x in v) else yaml.safe_dump(v).strip()
 
 
-def _set_dotted(data: dict, key: str, value: Any) -> None:
+def set_dotted(data: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     for p in parts[:-1]:
         data = data.setdefault(p, {})
     data[parts[-1]] = value
 
 
-def _format_errors(err: ValidationError, source: str | None) -> str:
-    where = f"{source}: " if source else ""
-    lines = [f"{where}invalid run config ({err.error_count()} problem(s)):"]
+def error_lines(err: ValidationError, root: str = "(config)") -> list[str]:
+    """One `  - field.path: message` line per problem, worded for people editing YAML."""
+    lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(config)"
+        loc = ".".join(str(p) for p in e["loc"]) or root
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check its spelling)"
         elif e["type"] == "literal_error":
             msg = f"{msg}, got {e.get('input')!r}"
         lines.append(f"  - {loc}: {msg}")
-    return "\n".join(lines)
+    return lines
+
+
+def _format_errors(err: ValidationError, source: str | None) -> str:
+    where = f"{source}: " if source else ""
+    return "\n".join([f"{where}invalid run config ({err.error_count()} problem(s)):", *error_lines(err)])
 
 
 def from_dict(data: dict[str, Any], source: str | None = None) -> RunConfig:
@@ -233,7 +238,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None, check
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a run config must be a YAML mapping, got {type(data).__name__}")
     for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     cfg = from_dict(data, source=str(path))
     if check:
         problems = cfg.check()

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -179,28 +180,25 @@ def launch(config: RunConfig | str | Path, overwrite: bool = False, **overrides:
 # -- a run, from its directory ---------------------------------------------------------------------
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
+def _signal_reaches(send: Callable[[int, int], None], ident: int | None) -> bool:
+    """Signal 0 probes a process (os.kill) or process group (os.killpg) without touching it."""
+    if not ident:
         return False
     try:
-        os.kill(pid, 0)
+        send(ident, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # alive, owned by someone else
         return True
     return True
+
+
+def _pid_alive(pid: int | None) -> bool:
+    return _signal_reaches(os.kill, pid)
 
 
 def _group_alive(pgid: int | None) -> bool:
-    if not pgid:
-        return False
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return _signal_reaches(os.killpg, pgid)
 
 
 class Run:

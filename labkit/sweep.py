@@ -35,7 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from labkit import runfiles
-from labkit.config import ConfigError, RunConfig, from_dict, load_config
+from labkit.config import ConfigError, RunConfig, error_lines, from_dict, load_config, set_dotted
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_NOTEBOOK = "notebooks/01_run.ipynb"
@@ -129,13 +129,7 @@ def _validate(data: dict[str, Any], source: str | None) -> SweepSpec:
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as e:
-        lines = [f"{source or 'sweep spec'}: invalid sweep spec:"]
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(spec)"
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown field (check its spelling)"
-            lines.append(f"  - {loc}: {msg}")
+        lines = [f"{source or 'sweep spec'}: invalid sweep spec:", *error_lines(e, "(spec)")]
         raise SweepError("\n".join(lines)) from None
     spec.source = source
     return spec
@@ -225,19 +219,12 @@ def expand(spec: SweepSpec | dict[str, Any] | str | Path, runs_root: str | Path 
             updates["runs_root"] = str(root)
         data = json.loads(json.dumps(base))
         for key, value in updates.items():
-            _set_dotted(data, key, value)
+            set_dotted(data, key, value)
         try:
             configs.append(from_dict(data, source=f"{where}: run {name} ({_describe(over)})"))
         except ConfigError as e:
             raise SweepError(str(e)) from None
     return configs
-
-
-def _set_dotted(data: dict, key: str, value: Any) -> None:
-    parts = key.split(".")
-    for p in parts[:-1]:
-        data = data.setdefault(p, {})
-    data[parts[-1]] = value
 
 
 def _describe(over: dict[str, Any]) -> str:
