@@ -6,8 +6,8 @@ Packed rows hold several samples; attention must not cross sample boundaries:
   registered through transformers' attention interface.
 - otherwise (CPU) `sdpa`. transformers would turn restarting `position_ids` into an exact
   block-diagonal mask, but attention over a whole packed row is quadratic in its length, so the
-  trainer runs such micro-batches as padded rows instead: multipack still decides which samples
-  share a micro-batch and balances tokens across ranks.
+  trainer plans and runs padded micro-batches instead (length-sorted, rows x longest within the
+  token budget, the same effective batch per step).
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ def _varlen_forward(module, query, key, value, attention_mask, dropout=0.0, scal
     max_len = kwargs.get("max_length_q")
     if cu is None or max_len is None:
         raise RuntimeError("labkit_varlen attention needs cu_seq_lens_q/max_length_q (packed batches only)")
+    if query.dtype == torch.float32 or value.dtype != query.dtype:
+        # fp32 weights under bf16 autocast hand over fp32 q/k (RoPE promotes them) and bf16 v;
+        # the varlen kernel takes fp16/bf16 only, all three alike (flash-attn callers cast too).
+        dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
     b, hq, t, d = query.shape
     # transformers hands (batch, heads, tokens, dim); varlen wants (tokens, heads, dim) with batch 1.
     q = query.transpose(1, 2).reshape(b * t, hq, d)

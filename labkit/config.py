@@ -73,6 +73,9 @@ class RunConfig(_Strict):
     overlong: Literal["drop", "truncate"] = "drop"
     packing: bool = True
     attention: Literal["auto", "flash_attention_2", "varlen", "sdpa", "eager"] = "auto"
+    loss_chunk_tokens: int | None = Field(
+        default=4096, ge=1, description="tokens per chunk of the fused head + loss (labkit.loss); "
+        "null: transformers' loss, which materializes all logits")
 
     learning_rate: float = Field(default=2e-5, gt=0, le=1.0)
     schedule: Schedule = "constant"

@@ -34,6 +34,7 @@ from labkit.config import ConfigError, RunConfig, load_config
 from labkit.data import multipack
 from labkit.data.collate import collate_packed, collate_padded
 from labkit.data.tokenize import load_tokenized
+from labkit.loss import chunked_loss, supports_chunked_loss
 from labkit.schedule import lr_factor, warmup_steps
 from labkit.tiny import resolve_model
 
@@ -67,6 +68,8 @@ def load_model(cfg: RunConfig, model_dir: Path, device: torch.device):
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl, dtype=torch.float32)
     model.config.use_cache = False
+    if cfg.loss_chunk_tokens and supports_chunked_loss(model) is None:
+        chunked_loss(model, cfg.loss_chunk_tokens)
     if cfg.distributed.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer, impl
@@ -85,8 +88,10 @@ def load_phase_data(cfg: RunConfig, datasets: list[str], tokenizer, model_dir: P
     return samples
 
 
-def plan_epoch(cfg: RunConfig, lengths: list[int], world: int, epoch: int) -> list:
-    planner = multipack.plan_epoch if cfg.packing else multipack.padded_plan_epoch
+def plan_epoch(cfg: RunConfig, lengths: list[int], world: int, epoch: int, packed_rows: bool = True) -> list:
+    # Micro-batches that will run as padded rows (packing off, or no varlen kernel) cost
+    # rows x longest, so they are planned for that; packed rows cost their real tokens.
+    planner = multipack.plan_epoch if cfg.packing and packed_rows else multipack.padded_plan_epoch
     return planner(lengths, cfg.effective_batch_size, cfg.max_tokens_per_device, world, cfg.seed, epoch)
 
 
@@ -176,13 +181,17 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         model_dir = resolve_model(cfg.model)
         model, tokenizer, impl = load_model(cfg, model_dir, accel.device)
         rows = "packed rows" if cfg.packing and attention.needs_cu_seqlens(impl) else "padded rows"
-        log(f"model {model_dir} ({model.num_parameters() / 1e6:.2f}M params), attention={impl} ({rows}), "
+        why_not = supports_chunked_loss(model)
+        loss = (f"chunked linear cross-entropy ({cfg.loss_chunk_tokens} tokens)" if cfg.loss_chunk_tokens and not why_not
+                else f"transformers' ({why_not or 'loss_chunk_tokens is null'})")
+        log(f"model {model_dir} ({model.num_parameters() / 1e6:.2f}M params), attention={impl} ({rows}), loss={loss}, "
             f"processes={world}, device={accel.device}, mixed_precision={accel.mixed_precision}")
         model = accel.prepare(model)
 
         phases = cfg.training_phases()
         data = [load_phase_data(cfg, p.datasets, tokenizer, model_dir, log) for p in phases]
-        steps_per_epoch = [len(plan_epoch(cfg, [len(s.input_ids) for s in d], world, 0)) for d in data]
+        packed_rows = attention.needs_cu_seqlens(impl)
+        steps_per_epoch = [len(plan_epoch(cfg, [len(s.input_ids) for s in d], world, 0, packed_rows)) for d in data]
         phase_steps = [n * p.epochs for n, p in zip(steps_per_epoch, phases)]
         total_steps = sum(phase_steps)
         total_samples = sum(len(d) * p.epochs for d, p in zip(data, phases))
@@ -284,7 +293,8 @@ class Loop:
         lengths = [len(s.input_ids) for s in samples]
         for epoch in range(self.epoch, phase.epochs):
             self.epoch = epoch
-            plan = plan_epoch(cfg, lengths, accel.num_processes, epoch + 1000 * p_idx)
+            plan = plan_epoch(cfg, lengths, accel.num_processes, epoch + 1000 * p_idx,
+                              attention.needs_cu_seqlens(self.impl))
             for i in range(self.step_in_epoch, len(plan)):
                 micro = [[samples[j] for j in mb] for mb in plan[i][accel.process_index]]
                 n_samples = sum(len(mb) for r in plan[i] for mb in r)
