@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     # The study notebook's printed lines (sweep progress) come through papermill's logger.
     handler = logging.StreamHandler(sys.stdout)
-    handler.addFilter(lambda r: not r.getMessage().startswith(("Executing", "Ending Cell", "Input Notebook", "Output Notebook")))
+    # Only the sweep's own lines: not papermill's bookkeeping nor the text fallbacks of rich outputs.
+    noise = ("Executing", "Ending Cell", "Input Notebook", "Output Notebook", "alt.", "<IPython.")
+    handler.addFilter(lambda r: not r.getMessage().lstrip().startswith(noise))
     pm_log = logging.getLogger("papermill")
     pm_log.addHandler(handler)
     pm_log.setLevel(logging.INFO)
