@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from labkit import runfiles
-from labkit.sweep import ROOT, compute_saved, read_sweep, summary
+from labkit.sweep import ROOT, compute_saved, is_number, read_sweep, summary
 
 STUDY_NOTEBOOK = ROOT / "notebooks" / "00_study.ipynb"
 
@@ -67,24 +66,17 @@ def phased_markdown(table) -> str:
         return "No runs to compare."
     lines = []
     for _, r in table.iterrows():
-        scores = ", ".join(f"{k} {r[k]:.3f}" for k in table.columns if "/" in k and _num(r[k]))
-        best = f"best val loss {r['best_val_loss']:.4f} at {r['samples_to_best']} samples" if _num(
+        scores = ", ".join(f"{k} {r[k]:.3f}" for k in table.columns if "/" in k and is_number(r[k]))
+        best = f"best val loss {r['best_val_loss']:.4f} at {r['samples_to_best']} samples" if is_number(
             r["best_val_loss"]) else "no validation loss"
         reach = (f"reached {r['target_val_loss']:.4f} after {r['samples_to_target']} samples"
-                 if _num(r["samples_to_target"]) else "never reached the common target")
+                 if is_number(r["samples_to_target"]) else "never reached the common target")
         lines.append(f"- **{r['mode']}** (`{r['run']}`): {best}; {reach}" + (f"; {scores}" if scores else ""))
     done = table.dropna(subset=["best_val_loss"])
     if len(done) >= 2:
         win = done.loc[done["best_val_loss"].idxmin()]
         lines.append(f"\n**{win['mode']}** reaches the lower validation loss on this data.")
     return "\n".join(lines)
-
-
-def _num(x: Any) -> bool:
-    try:
-        return math.isfinite(float(x))
-    except (TypeError, ValueError):
-        return False
 
 
 # -- the grid ----------------------------------------------------------------------------------
@@ -99,7 +91,7 @@ def check_markdown(check: dict[str, Any] | None) -> str:
     lines = [f"Final `{check['score']}` ({word} is better) in the full sweep, and the early decision:", "",
              "| run | final | rank | stopped early | among the worst |", "| --- | --- | --- | --- | --- |"]
     for r in check["runs"]:
-        final = f"{r['final']:.4f}" if _num(r["final"]) else "-"
+        final = f"{r['final']:.4f}" if is_number(r["final"]) else "-"
         lines.append(f"| {r['key']} | {final} | {r['final_rank']} | {'yes' if r['stopped'] else ''} | "
                      f"{'yes' if r['in_worst'] else ''} |")
     lines += ["", f"{check['stopped_in_worst']} of {len(check['stopped'])} stopped runs were among the worst "
@@ -148,7 +140,7 @@ def findings_markdown(f: dict[str, Any]) -> str:
         lines.append(f"- Check against the full grid: {ch['stopped_in_worst']}/{len(ch['stopped'])} stopped runs "
                      f"were among the worst by final score; best run {'kept' if ch['best_run_kept'] else 'stopped'}.")
     for r in f.get("phased_vs_stacked") or []:
-        if _num(r.get("best_val_loss")):
+        if is_number(r.get("best_val_loss")):
             lines.append(f"- {r['mode'].capitalize()}: best val loss {r['best_val_loss']:.4f} "
                          f"after {r['samples_to_best']} samples.")
     return "\n".join(lines)

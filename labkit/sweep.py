@@ -242,10 +242,11 @@ def early_scores(runs_root: Path, names: list[str], et: EarlyTermination) -> dic
     df = Store(runs_root).early_dynamics(runs=names, score=et.score, **kw)
     return {r["run_id"]: {"early_score": float(r["early_score"]), "grad_norm_mean": float(r["grad_norm_mean"]),
                           "loss_mean": float(r["loss_mean"])}
-            for _, r in df.iterrows() if r["complete"] and _finite(r["early_score"])}
+            for _, r in df.iterrows() if r["complete"] and is_number(r["early_score"])}
 
 
-def _finite(x: Any) -> bool:
+def is_number(x: Any) -> bool:
+    """A finite number, or something float() reads as one (None, NaN, '' and text are not)."""
     try:
         return math.isfinite(float(x))
     except (TypeError, ValueError):
@@ -571,7 +572,7 @@ def eval_scores(run_dir: str | Path, path: Path | None = None) -> dict[str, floa
         rows = read_eval_file(files[0])
     except ValueError:
         return {}  # a file being written; the next read sees it whole
-    return {f"{r['task']}/{r['metric']}": float(r["value"]) for r in rows if _finite(r["value"])}
+    return {f"{r['task']}/{r['metric']}": float(r["value"]) for r in rows if is_number(r["value"])}
 
 
 def _step_of(p: Path) -> float:
@@ -592,7 +593,7 @@ def compare_with_full(et_sweep_dir: str | Path, full_sweep_dir: str | Path, scor
     final = dict(zip(full["key"], full[score]))
     stopped = list(et.loc[et["stopped_early"], "key"])
     kept = [k for k in et["key"] if k not in stopped]
-    order = sorted((k for k in final if _finite(final[k])), key=lambda k: final[k], reverse=not lower_better)
+    order = sorted((k for k in final if is_number(final[k])), key=lambda k: final[k], reverse=not lower_better)
     rank = {k: i + 1 for i, k in enumerate(order)}
     n_stop = len(stopped)
     worst = set(order[len(order) - n_stop:]) if n_stop else set()

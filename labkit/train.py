@@ -95,6 +95,18 @@ def plan_epoch(cfg: RunConfig, lengths: list[int], world: int, epoch: int, packe
     return planner(lengths, cfg.effective_batch_size, cfg.max_tokens_per_device, world, cfg.seed, epoch)
 
 
+def samples_in_steps(batch: int, phase_sizes: list[int], epochs: list[int], steps: int) -> int:
+    """Samples the first `steps` optimizer steps see: `batch` each, the rest of an epoch in its last."""
+    total = 0
+    for size, n_epochs in zip(phase_sizes, epochs):
+        per_epoch = [batch] * (size // batch) + ([size % batch] if size % batch else [])
+        for n in per_epoch * n_epochs:
+            if steps == 0:
+                return total
+            total, steps = total + n, steps - 1
+    return total
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -193,12 +205,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         packed_rows = attention.needs_cu_seqlens(impl)
         steps_per_epoch = [len(plan_epoch(cfg, [len(s.input_ids) for s in d], world, 0, packed_rows)) for d in data]
         phase_steps = [n * p.epochs for n, p in zip(steps_per_epoch, phases)]
-        total_steps = sum(phase_steps)
-        total_samples = sum(len(d) * p.epochs for d, p in zip(data, phases))
-        if cfg.max_steps and cfg.max_steps < total_steps:
-            # Progress bars show samples: scale the total to the steps that will actually run.
-            total_samples = round(total_samples * cfg.max_steps / total_steps)
-            total_steps = cfg.max_steps
+        total_steps = min(sum(phase_steps), cfg.max_steps or sum(phase_steps))
+        total_samples = samples_in_steps(cfg.effective_batch_size, [len(d) for d in data],
+                                         [p.epochs for p in phases], total_steps)
         val = load_phase_data(cfg, [cfg.val_dataset], tokenizer, model_dir, log) if cfg.val_dataset else None
 
         resume = checkpoints(run_dir)[-1] if cfg.resume and checkpoints(run_dir) else None

@@ -15,7 +15,7 @@ from labkit import catalog, runfiles
 from labkit.config import RunConfig
 from labkit.data.collate import collate_packed
 from labkit.data.tokenize import tokenize_records
-from labkit.train import checkpoints, train
+from labkit.train import checkpoints, samples_in_steps, train
 
 BASE = dict(model="tiny", effective_batch_size=16, max_tokens_per_device=1024, max_seq_len=256, seed=7)
 
@@ -219,3 +219,12 @@ def test_background_evals_score_every_eval_point_while_old_checkpoints_are_prune
     scored = sorted(int(p.stem) for p in (cfg.run_dir / "evals").glob("*.json"))
     assert scored == [2, 4, 6], (cfg.run_dir / "evals.log").read_text()[-2000:]
     assert len(checkpoints(cfg.run_dir)) == 1
+    status = runfiles.read_status(cfg.run_dir)
+    assert status["total_samples"] == status["samples"] == 6 * 16  # max_steps caps the planned total
+
+
+def test_planned_samples_follow_short_last_steps_across_epochs_and_phases():
+    # Phase sizes 10 and 7, batch 4: steps of 4, 4, 2 (twice: two epochs), then 4, 3.
+    assert samples_in_steps(4, [10, 7], [2, 1], 100) == 27
+    assert samples_in_steps(4, [10, 7], [2, 1], 7) == 24
+    assert samples_in_steps(4, [10, 7], [2, 1], 0) == 0
