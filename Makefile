@@ -30,6 +30,8 @@ lint: venv
 bench: venv
 	$(BIN)/python bench/packing.py
 	$(BIN)/python bench/store.py
+	$(BIN)/python bench/loss.py
+	$(BIN)/python bench/gpu_sft.py --dry-run   # on a CUDA machine: --preset 1b (see its --help)
 
 clean:
 	rm -rf $(VENV) .labkit runs
