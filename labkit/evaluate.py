@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from labkit import runfiles
+
 ROOT = Path(__file__).resolve().parent.parent
 TASKS_DIR = ROOT / "templates" / "eval_tasks"
 TASK = "labkit_"  # prefix of the local task names (the group is `labkit`)
@@ -278,9 +280,7 @@ def write_results(run_dir: Path, step: int, samples: int | None, checkpoint: Pat
     kept = [r for r in _read_json(path).get("results") or [] if isinstance(r, dict) and r.get("task") not in new_tasks]
     data = {"run": Path(run_dir).name, "step": step, "samples": samples, "checkpoint": str(checkpoint) if checkpoint else None,
             "time": time.time(), "results": kept + rows}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not *.json: readers glob those
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    runfiles.write_json_atomic(path, data)  # its temp name does not end in .json: readers glob those
     return path
 
 

@@ -311,9 +311,7 @@ class Run:
         return "\n".join(data.decode("utf-8", "replace").splitlines()[-n:])
 
     def checkpoints(self) -> list[Path]:
-        root = self.dir / "checkpoints"
-        done = [p for p in root.glob("step-*") if (p / "checkpoint.json").is_file()] if root.is_dir() else []
-        return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+        return runfiles.checkpoints(self.dir)
 
     # -- control -----------------------------------------------------------------------------------
 

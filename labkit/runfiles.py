@@ -24,6 +24,15 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a checkpoint is complete once renamed into place)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.glob("step-*") if (p / "checkpoint.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
 def read_status(run_dir: Path) -> dict[str, Any]:
     try:
         return json.loads((Path(run_dir) / STATUS).read_text())

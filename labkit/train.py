@@ -35,6 +35,7 @@ from labkit.data import multipack
 from labkit.data.collate import collate_packed, collate_padded
 from labkit.data.tokenize import load_tokenized
 from labkit.loss import chunked_loss, supports_chunked_loss
+from labkit.runfiles import checkpoints
 from labkit.schedule import lr_factor, warmup_steps
 from labkit.tiny import resolve_model
 
@@ -116,13 +117,6 @@ def peak_memory_mb(device: torch.device) -> float:
 # -- checkpoints -------------------------------------------------------------------------------
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a checkpoint is complete once renamed into place)."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    done = [p for p in root.glob("step-*") if (p / "checkpoint.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
 def save_checkpoint(accel, model, tokenizer, run_dir: Path, state: dict[str, Any], keep: int | None,
