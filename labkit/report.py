@@ -113,13 +113,21 @@ def notebook_error(notebook: str | Path) -> str | None:
 @contextmanager
 def quiet():
     """Hide progress bars (lm-eval, transformers) from a cell's output; show them if the block fails."""
+    from transformers.utils import logging as hf_logging
+
     buf = io.StringIO()
+    # In a kernel transformers' bars are notebook widgets, which no stream redirect catches.
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         with redirect_stderr(buf), redirect_stdout(buf):
             yield
     except BaseException:
         sys.stderr.write(buf.getvalue())
         raise
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def execute(notebook: str | Path, out: str | Path, parameters: dict[str, Any] | None = None,
