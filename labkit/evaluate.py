@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import hashlib
-import json
-import math
 import os
 import shutil
 import sys
@@ -81,14 +79,6 @@ def _step_of(path: Path) -> int:
         return -1
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def resolve_target(target: str | Path, run_dir: str | Path | None = None, step: int | None = None) -> Target:
     """The checkpoint to evaluate, the run it belongs to, and its step and samples.
 
@@ -112,7 +102,7 @@ def resolve_target(target: str | Path, run_dir: str | Path | None = None, step: 
         if step is not None:
             by_step = {_step_of(p): p for p in steps}
             if (final / "config.json").is_file():
-                by_step.setdefault(_read_json(final / "checkpoint.json").get("step", -1), final)
+                by_step.setdefault(runfiles.read_json(final / "checkpoint.json").get("step", -1), final)
             if step not in by_step:
                 raise EvalError(f"{target}: no checkpoint of step {step}; it has steps "
                                 f"{sorted(k for k in by_step if k >= 0) or 'none'}")
@@ -126,9 +116,9 @@ def resolve_target(target: str | Path, run_dir: str | Path | None = None, step: 
                             "final/ or checkpoints/step-*/ holding a config.json")
         run_dir = run_dir or target
     run_dir = Path(run_dir).expanduser().resolve() if run_dir else None
-    meta = _read_json(ckpt / "checkpoint.json")
+    meta = runfiles.read_json(ckpt / "checkpoint.json")
     if not meta and ckpt.name == "final" and run_dir:
-        meta = _read_json(run_dir / "status.json")
+        meta = runfiles.read_json(run_dir / "status.json")
     if step is None:
         step = meta.get("step")
     if step is None:
@@ -251,21 +241,15 @@ def load_tasks(tasks: list[str], tm) -> list:
 # -- results -----------------------------------------------------------------------------------
 
 
-def _number(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return None
-    return float(v)
-
-
 def result_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """lm-eval's per-task `results` as rows; `acc,none` becomes `acc`, other filters stay `acc,FILTER`."""
     rows = []
     for task, metrics in results.items():
         for key, value in metrics.items():
             metric, sep, filt = key.partition(",")
-            if not sep or "_stderr" in metric or _number(value) is None:
+            if not sep or "_stderr" in metric or runfiles.finite_number(value) is None:
                 continue
-            stderr = _number(metrics.get(f"{metric}_stderr,{filt}"))
+            stderr = runfiles.finite_number(metrics.get(f"{metric}_stderr,{filt}"))
             rows.append({"task": task, "metric": metric if filt == "none" else key,
                          "value": float(value), "stderr": stderr})
     return rows
@@ -277,7 +261,7 @@ def write_results(run_dir: Path, step: int, samples: int | None, checkpoint: Pat
     path = Path(run_dir) / "evals" / f"{step}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     new_tasks = {r["task"] for r in rows}
-    kept = [r for r in _read_json(path).get("results") or [] if isinstance(r, dict) and r.get("task") not in new_tasks]
+    kept = [r for r in runfiles.read_json(path).get("results") or [] if isinstance(r, dict) and r.get("task") not in new_tasks]
     data = {"run": Path(run_dir).name, "step": step, "samples": samples, "checkpoint": str(checkpoint) if checkpoint else None,
             "time": time.time(), "results": kept + rows}
     runfiles.write_json_atomic(path, data)  # its temp name does not end in .json: readers glob those

@@ -226,10 +226,7 @@ class Run:
         return load_config(self.dir / "config.yaml")
 
     def launcher(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.dir / LAUNCHER).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
+        return runfiles.read_json(self.dir / LAUNCHER)
 
     # -- liveness ----------------------------------------------------------------------------------
 
@@ -340,9 +337,8 @@ class Run:
             if status.get("state") in runfiles.FINAL_STATES:
                 return self.wait(timeout=30)
             # The trainer removes stale STOP files when it starts, so keep one in place until it is gone.
-            stop_file = self.dir / runfiles.STOP
-            if not stop_file.exists():
-                stop_file.write_text(reason)
+            if not (self.dir / runfiles.STOP).exists():
+                runfiles.request_stop(self.dir, reason)
             if time.time() > deadline:
                 return self.kill(reason=f"killed: did not stop within {timeout:g}s ({reason})")
             time.sleep(0.5)
@@ -390,9 +386,10 @@ def runs(root: str | Path = "runs") -> list[Run]:
     return sorted(found, key=launched, reverse=True)
 
 
-def overview(root: str | Path = "runs", early: bool = True) -> pd.DataFrame:
+def overview(root: str | Path = "runs", early: bool = True, store: Any = None) -> pd.DataFrame:
     """One row per run, newest first: state (with liveness), step, samples, last loss, and the early score
-    over the first 100 steps from `labkit.store` (higher is better; see `Store.early_dynamics`)."""
+    over the first 100 steps from `labkit.store` (higher is better; see `Store.early_dynamics`).
+    `store`: a `labkit.store.Store` of `root` to reuse (a new one otherwise)."""
     rows = []
     for run in runs(root):
         s = run.status()
@@ -400,9 +397,11 @@ def overview(root: str | Path = "runs", early: bool = True) -> pd.DataFrame:
                      "total_steps": s.get("total_steps"), "samples": s.get("samples"), "loss": s.get("loss")})
     df = pd.DataFrame(rows, columns=["name", "state", "step", "total_steps", "samples", "loss"])
     if early and len(df):
-        from labkit.store import Store
+        if store is None:
+            from labkit.store import Store
 
-        scores = Store(root).early_dynamics()[["run_id", "early_score"]].rename(columns={"run_id": "name"})
+            store = Store(root)
+        scores = store.early_dynamics()[["run_id", "early_score"]].rename(columns={"run_id": "name"})
         df = df.merge(scores, how="left", on="name")
     return df
 

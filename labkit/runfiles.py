@@ -33,11 +33,32 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-def read_status(run_dir: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file, or {} while it is missing, unreadable or not an object (never raises)."""
     try:
-        return json.loads((Path(run_dir) / STATUS).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    return read_json(Path(run_dir) / STATUS)
+
+
+def request_stop(run_dir: Path, reason: str) -> None:
+    """Ask a trainer to save a checkpoint and stop; written whole, so it never reads a half reason."""
+    path = Path(run_dir) / STOP
+    tmp = path.with_name(f".{STOP}.{os.getpid()}.tmp")
+    tmp.write_text(reason.rstrip("\n") + "\n")
+    os.replace(tmp, path)
+
+
+def finite_number(v: Any) -> float | None:
+    """v as a float when it is a real finite number (not a bool, not NaN/inf, not a string), else None."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(v)
 
 
 def update_status(run_dir: Path, **fields: Any) -> dict[str, Any]:

@@ -59,8 +59,3 @@ def estimate_total_steps(cfg: RunConfig) -> int:
         total += phase.epochs * max(1, math.ceil(n / cfg.effective_batch_size))
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
-
-def schedule_table(cfg: RunConfig, total_steps: int | None = None) -> list[dict[str, float]]:
-    """(step, lr) rows for a preview chart."""
-    total = total_steps or estimate_total_steps(cfg)
-    return [{"step": s + 1, "lr": lr_at(s, total, cfg)} for s in range(total)]

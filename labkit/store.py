@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import re
 import tempfile
 import time
@@ -180,9 +179,9 @@ def _meta_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         kinds = {type(v) for v in values if v is not None}
         dtype = META_TYPES.get(name)
         if dtype == "Float64":  # status.json is written by hand sometimes: a bad value is no value
-            values = [_number(v) for v in values]
+            values = [runfiles.finite_number(v) for v in values]
         elif dtype == "Int64":
-            values = [None if (f := _number(v)) is None or not f.is_integer() else int(f) for v in values]
+            values = [None if (f := runfiles.finite_number(v)) is None or not f.is_integer() else int(f) for v in values]
         elif dtype is None:
             dtype = ("boolean" if kinds == {bool} else "Int64" if kinds == {int}
                      else "Float64" if kinds and kinds <= {int, float} else "string")
@@ -190,10 +189,6 @@ def _meta_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
             values = [None if v is None else str(v) for v in values]
         out[name] = pd.array(values, dtype=dtype)
     return pd.DataFrame(out, columns=names)
-
-
-def _number(v: Any) -> float | None:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
 def read_run_meta(run_dir: Path) -> dict[str, Any]:
@@ -249,8 +244,8 @@ def read_eval_file(path: Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path}: results[{i}].value must be a number, got {r['value']!r}")
         rows.append({"run_id": path.parent.parent.name, "step": int(step),
                      "samples": samples if isinstance(samples, int) else None, "task": str(r["task"]),
-                     "metric": str(r["metric"]), "value": _number(r["value"]),
-                     "stderr": _number(r.get("stderr"))})  # lm-eval writes "N/A" when it has none
+                     "metric": str(r["metric"]), "value": runfiles.finite_number(r["value"]),
+                     "stderr": runfiles.finite_number(r.get("stderr"))})  # lm-eval writes "N/A" when it has none
     return rows
 
 

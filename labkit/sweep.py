@@ -328,10 +328,7 @@ class Watcher:
             if name in worst:
                 reason = (f"early termination by sweep {sweep.name}: early score {scores[name]:.4g} ranks "
                           f"{rank}/{len(pool)} after {et.budget} {et.axis} (worst {et.stop_fraction:.0%} stop)")
-                stop_file = sweep.run_dirs[name] / runfiles.STOP
-                tmp = stop_file.with_name(".STOP.tmp")
-                tmp.write_text(reason + "\n")
-                tmp.replace(stop_file)
+                runfiles.request_stop(sweep.run_dirs[name], reason)
                 self.stopped[name] = {**signals[name], "rank": rank, "pool": len(pool), "time": now,
                                       "reason": reason}
                 decision["stopped"].append(name)
@@ -362,7 +359,6 @@ class Sweep:
         self.names = [c.name for c in self.configs]
         self.run_dirs = {c.name: c.run_dir for c in self.configs}
         self.in_flight: set[str] = set()
-        self.results: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self.record: dict[str, Any] = {}
 

@@ -40,14 +40,6 @@ from labkit.schedule import lr_factor, warmup_steps
 from labkit.tiny import resolve_model
 
 
-class StopRun(Exception):
-    """Raised inside the loop when the run must end early (STOP file or an early-stop rule)."""
-
-    def __init__(self, reason: str, save: bool = True):
-        super().__init__(reason)
-        self.reason, self.save = reason, save
-
-
 def make_accelerator(cfg: RunConfig) -> Accelerator:
     cpu = cfg.distributed.cpu or not torch.cuda.is_available()
     mp = cfg.distributed.mixed_precision
@@ -115,8 +107,6 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 # -- checkpoints -------------------------------------------------------------------------------
-
-
 
 
 def save_checkpoint(accel, model, tokenizer, run_dir: Path, state: dict[str, Any], keep: int | None,

@@ -20,6 +20,7 @@ import pandas as pd
 from labkit import catalog, runfiles
 from labkit.config import ConfigError, RunConfig, from_dict
 from labkit.launch import Run, launch, overview, runs
+from labkit.store import Store
 
 _offline = False
 
@@ -322,7 +323,7 @@ class Board(w.VBox):
         self.root, self.y, self.x = root, y, x
         self.table = w.HTML()
         self.select = w.SelectMultiple(description="compare", rows=6, layout=w.Layout(width="360px"))
-        self.select.observe(lambda _: self._draw(), names="value")
+        self.select.observe(lambda _: self._draw() if not self._refreshing else None, names="value")
         self.refresh_button = w.Button(description="Refresh", icon="refresh")
         self.refresh_button.on_click(lambda _: self.refresh())
         self.stop_button = w.Button(description="Stop selected", button_style="danger", icon="stop")
@@ -330,6 +331,8 @@ class Board(w.VBox):
         self.message = w.HTML()
         self.chart = _chart_widget(alt.Chart(pd.DataFrame({x: [], y: []})).mark_line())
         self._runs: dict[str, Run] = {}
+        self._refreshing = False  # resetting the options fires `value` events: draw once, at the end
+        self._store = Store(root)
         self.overview = pd.DataFrame()
         super().__init__([self.table, w.HBox([self.select, w.VBox([self.refresh_button, self.stop_button])]),
                           self.message, self.chart])
@@ -338,22 +341,25 @@ class Board(w.VBox):
 
     def refresh(self) -> pd.DataFrame:
         self._runs = {r.name: r for r in runs(self.root)}
-        self.overview = overview(self.root)
+        self.overview = overview(self.root, store=self._store)
         self.table.value = self.overview.to_html(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}",
                                                  border=0) if len(self.overview) else "<i>no runs yet</i>"
         keep = tuple(n for n in self.select.value if n in self._runs)
-        self.select.options = list(self._runs)
-        self.select.value = keep
+        self._refreshing = True
+        try:
+            self.select.options = list(self._runs)
+            self.select.value = keep
+        finally:
+            self._refreshing = False
         self._draw()
         return self.overview
 
     def curves(self) -> alt.TopLevelMixin:
         """`y` against `x` for the selected runs, downsampled by the store."""
         from labkit import viz
-        from labkit.store import Store
 
         names = list(self.select.value)
-        df = Store(self.root).metrics(names, x=self.x, columns=[self.y]) if names else pd.DataFrame()
+        df = self._store.metrics(names, x=self.x, columns=[self.y]) if names else pd.DataFrame()
         return viz.curves(df, y=self.y, x=self.x, color="run_id")
 
     def _draw(self) -> None:
