@@ -31,6 +31,7 @@ bench: venv
 	$(BIN)/python bench/packing.py
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/loss.py
+	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/gpu_sft.py --dry-run   # on a CUDA machine: --preset 1b (see its --help)
 
 clean:

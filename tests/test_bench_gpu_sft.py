@@ -81,3 +81,13 @@ def test_cuda_packed_run_uses_varlen_attention(tmp_path):
     assert packed["attention"] in ("flash_attention_2", VARLEN) and packed["rows"] == "packed"
     assert packed["padding_fraction"] == 0
     assert packed["mfu"] > 0 and packed["peak_mem_mb"] > 0
+
+
+def test_throughput_script_runs_the_labkit_systems_with_the_flags_given(tmp_path):
+    path = tmp_path / "throughput.json"
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--dry-run", "--steps", "1",
+                          "--out", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads(path.read_text())
+    assert list(report["systems"]) == ["labkit_packed", "labkit_padded"]
+    assert report["args"]["steps"] == 1 and report["systems"]["labkit_packed"]["tokens_per_s"] > 0
