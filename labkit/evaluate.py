@@ -97,8 +97,7 @@ def resolve_target(target: str | Path, run_dir: str | Path | None = None, step: 
                 run_dir = target.parent
     else:
         final = target / "final"
-        steps = sorted((p for p in (target / "checkpoints").glob("step-*") if (p / "config.json").is_file()),
-                       key=_step_of)
+        steps = [p for p in runfiles.checkpoints(target) if (p / "config.json").is_file()]
         if step is not None:
             by_step = {_step_of(p): p for p in steps}
             if (final / "config.json").is_file():

@@ -457,22 +457,18 @@ def _sweeps(root: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]
 
 def runs_table(root: str | Path) -> list[dict[str, Any]]:
     """One row per run under `root` (a run dir, or a sweep's run that failed before training)."""
-    from labkit.sweep import eval_scores, planned_samples
-
     root = Path(root)
     swept, _ = _sweeps(root)
     rows = []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and (_is_run(p) or p.name in swept)):
-        st = runfiles.read_status(d)
+        s = run_summary(d)
         info = swept.get(d.name, {})
         result = info.get("result", {})
-        metrics = runfiles.read_metrics(d)
-        val = [m["val_loss"] for m in metrics if m.get("val_loss") is not None]
-        rows.append({"run": d.name, "sweep": info.get("sweep", ""), "state": st.get("state") or result.get("state"),
-                     "stop_reason": st.get("stop_reason") or st.get("error") or result.get("notebook_error") or "",
-                     "step": st.get("step"), "samples": st.get("samples"), "planned_samples": planned_samples(d) or None,
-                     "early_score": info.get("early_score"), "final_loss": metrics[-1]["loss"] if metrics else None,
-                     "final_val_loss": val[-1] if val else None, **eval_scores(d),
+        rows.append({"run": d.name, "sweep": info.get("sweep", ""), "state": s["state"] or result.get("state"),
+                     "stop_reason": s["stop_reason"] or s["error"] or result.get("notebook_error") or "",
+                     "step": s["step"], "samples": s["samples"], "planned_samples": s["planned_samples"] or None,
+                     "early_score": info.get("early_score"), "final_loss": s["final_loss"],
+                     "final_val_loss": s["final_val_loss"], **s["evals"],
                      "report": (d / "report.html") if (d / "report.ipynb").is_file() else None})
     return rows
 

@@ -35,7 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from labkit import runfiles
-from labkit.config import ConfigError, RunConfig, error_lines, from_dict, load_config, set_dotted
+from labkit.config import ConfigError, RunConfig, error_lines, from_dict, set_dotted
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_NOTEBOOK = "notebooks/01_run.ipynb"
@@ -453,14 +453,8 @@ def _short_error(e: Exception) -> str:
 
 
 def planned_samples(run_dir: Path) -> int:
-    """Samples the run would see to the end: its data (status.json), capped by max_steps x batch size."""
-    st = runfiles.read_status(run_dir)
-    total = int(st.get("total_samples") or 0)
-    try:
-        cfg = load_config(Path(run_dir) / "config.yaml")
-    except ConfigError:
-        return total
-    return min(total, cfg.max_steps * cfg.effective_batch_size) if cfg.max_steps else total
+    """Samples the run would see to the end (the trainer's status.json: its data, capped by max_steps)."""
+    return int(runfiles.read_status(run_dir).get("total_samples") or 0)
 
 
 def compute_saved(run_dirs: dict[str, Path], stopped: dict[str, Any]) -> dict[str, Any]:
@@ -524,27 +518,24 @@ def summary(sweep_dir: str | Path):
     """One row per run: axis values, state, samples, early score, stop decision, final loss, evals."""
     import pandas as pd
 
+    from labkit.report import run_summary
+
     rec = read_sweep(sweep_dir)
     et = rec.get("early_termination") or {}
     stopped, scores = et.get("stopped", {}), et.get("scores", {})
     results = {r["name"]: r for r in rec.get("results", [])}
     rows = []
     for run in rec["runs"]:
-        run_dir = Path(run["notebook"]).parent
-        st = runfiles.read_status(run_dir)
-        metrics = runfiles.read_metrics(run_dir)
-        val = [m["val_loss"] for m in metrics if m.get("val_loss") is not None]
-        row = {"run": run["name"], "key": run["key"], **{k: _cell(v) for k, v in run["overrides"].items()},
-               "state": results.get(run["name"], {}).get("state") or st.get("state"),
-               "samples": st.get("samples"), "planned_samples": planned_samples(run_dir),
-               "final_loss": metrics[-1]["loss"] if metrics else None,
-               "final_val_loss": val[-1] if val else None, "best_val_loss": min(val) if val else None,
-               "early_score": scores.get(run["name"]),
-               # Stopped by this sweep, and not finished before the STOP file was read.
-               "stopped_early": run["name"] in stopped and st.get("state") == "stopped",
-               "error": results.get(run["name"], {}).get("notebook_error") or st.get("error")}
-        row.update(eval_scores(run_dir))
-        rows.append(row)
+        s = run_summary(Path(run["notebook"]).parent)
+        result = results.get(run["name"], {})
+        rows.append({"run": run["name"], "key": run["key"], **{k: _cell(v) for k, v in run["overrides"].items()},
+                     "state": result.get("state") or s["state"], "samples": s["samples"],
+                     "planned_samples": s["planned_samples"], "final_loss": s["final_loss"],
+                     "final_val_loss": s["final_val_loss"], "best_val_loss": s["best_val_loss"],
+                     "early_score": scores.get(run["name"]),
+                     # Stopped by this sweep, and not finished before the STOP file was read.
+                     "stopped_early": run["name"] in stopped and s["state"] == "stopped",
+                     "error": result.get("notebook_error") or s["error"], **s["evals"]})
     return pd.DataFrame(rows)
 
 
