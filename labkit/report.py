@@ -327,7 +327,7 @@ def decisions_table(sweep_dir: str | Path):
     rows = []
     for i, d in enumerate(et.get("decisions", [])):
         for r in d["ranking"]:
-            rows.append({"decision": i + 1, "at": f"{d['budget']} {d['axis']}", "run": r["run"],
+            rows.append({"decision": i + 1, "at": f"{d['budget']} {d['axis']} (rung {d.get('rung', 1)})", "run": r["run"],
                          "early_score": r["early_score"], "grad_norm_mean": r.get("grad_norm_mean"),
                          "loss_mean": r.get("loss_mean"), "rank": r["rank"], "verdict": r.get("verdict")})
     cols = ["decision", "at", "run", "early_score", "grad_norm_mean", "loss_mean", "rank", "verdict"]
@@ -349,9 +349,10 @@ def sweep_markdown(sweep_dir: str | Path) -> str:
              f"concurrency {rec['concurrency']}."]
     et = rec.get("early_termination")
     if et:
-        budget = et.get("probe_samples") or et.get("probe_steps")
-        axis = "samples" if et.get("probe_samples") else "steps"
-        lines.append(f"- Early termination: after {budget} {axis}, stop the worst {et['stop_fraction']:.0%} "
+        budget = et.get("probe_samples") if et.get("probe_samples") is not None else et.get("probe_steps")
+        axis = "samples" if et.get("probe_samples") is not None else "steps"
+        at = " and ".join(map(str, budget)) if isinstance(budget, list) else budget
+        lines.append(f"- Early termination: after {at} {axis}, stop the worst {et['stop_fraction']:.0%} "
                      f"by early score ({et['score']}); stopped {len(et['stopped'])}: "
                      + (", ".join(f"`{n}`" for n in et["stopped"]) or "none") + ".")
         c = rec.get("compute")

@@ -2,18 +2,19 @@
 
 A sweep spec (`templates/sweeps/*.yaml`) names a base run config and the axes to vary. Every run
 executes `notebooks/01_run.ipynb` headless; the executed notebook is kept as `RUN_DIR/report.ipynb`,
-failed or not. While runs train, a watcher thread applies one rung of successive halving on the
-shared resource axis (samples seen): runs whose early-training score ranks in the worst
-`stop_fraction` get a STOP file. Decisions and the compute they saved go to `SWEEP_DIR/sweep.json`.
+failed or not. While runs train, a watcher thread applies successive halving on the shared resource
+axis (samples seen, or steps): at each rung (`probe_samples: 384`, or a list `[256, 1024]` for one
+rung each), runs whose early-training score ranks in the worst `stop_fraction` get a STOP file.
+Decisions and the compute they saved go to `SWEEP_DIR/sweep.json`.
 
-Comparing runs on one axis when fewer run at once than the sweep holds: every probed run is ranked
-against *all* runs of this sweep probed so far (live, finished or stopped), by their score over the
-same first `probe_samples`, and stopped when its rank falls in the worst floor(stop_fraction * n)
-of those n runs. Each run is judged once (one rung). A decision waits while a live run is still
-short of the probe, so runs started together are ranked together (with every run at once this is
-plain successive halving), but a probed run waits at most `wait` probe budgets more; later runs
-then face the bar set by the earlier ones, as in asynchronous successive halving (ASHA). Ties in
-the score go to the run with the lower early gradient norm.
+Comparing runs on one axis when fewer run at once than the sweep holds: at a rung, every run that
+reached it is ranked against *all* runs of this sweep that reached it and survived the rungs before
+(live, finished or stopped there), by their score over the same first budget, and stopped when its
+rank falls in the worst floor(stop_fraction * n) of those n runs. Each run is judged once per rung.
+A decision waits while a live run is still short of the rung, so runs started together are ranked
+together (with every run at once this is plain successive halving), but a run waits at most `wait`
+budgets more; later runs then face the bar set by the earlier ones, as in asynchronous successive
+halving (ASHA). Ties in the score go to the run with the lower early gradient norm.
 """
 
 from __future__ import annotations
@@ -63,29 +64,40 @@ class SweepError(ValueError):
 class EarlyTermination(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    probe_samples: int | None = Field(default=None, ge=1)
-    probe_steps: int | None = Field(default=None, ge=1)
+    # One probe budget, or a list: one rung of successive halving each (e.g. [256, 1024]).
+    probe_samples: int | list[int] | None = None
+    probe_steps: int | list[int] | None = None
     stop_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
     min_runs: int = Field(default=2, ge=2)
     score: str = "paper"
-    # How far past the probe (in probe budgets) a run may train while its decision waits for
-    # slower live runs to reach the probe; after that it is ranked against the runs probed so far.
+    # How far past a rung (in that rung's budgets) a run may train while its decision waits for
+    # slower live runs to reach it; after that it is ranked against the runs that reached it so far.
     wait: float = Field(default=1.0, ge=0.0)
     enabled: bool = True
 
     @model_validator(mode="after")
-    def _one_probe(self) -> EarlyTermination:
+    def _probes(self) -> EarlyTermination:
         if (self.probe_samples is None) == (self.probe_steps is None):
             raise ValueError("give exactly one of 'probe_samples' or 'probe_steps'")
+        budgets = self.budgets
+        if not budgets or min(budgets) < 1 or budgets != sorted(set(budgets)):
+            raise ValueError(f"probe budgets must be positive and increasing, got {budgets}")
         return self
 
     @property
     def axis(self) -> str:
-        return "samples" if self.probe_samples else "step"
+        return "samples" if self.probe_samples is not None else "step"
+
+    @property
+    def budgets(self) -> list[int]:
+        """One budget per rung, in the order the runs reach them."""
+        probe = self.probe_samples if self.probe_samples is not None else self.probe_steps
+        return list(probe) if isinstance(probe, list) else [probe]  # type: ignore[list-item]
 
     @property
     def budget(self) -> int:
-        return self.probe_samples or self.probe_steps  # type: ignore[return-value]
+        """The first rung's budget: the early window that `early_score` describes."""
+        return self.budgets[0]
 
 
 class SweepSpec(BaseModel):
@@ -234,11 +246,14 @@ def _describe(over: dict[str, Any]) -> str:
 # -- early termination -------------------------------------------------------------------------
 
 
-def early_scores(runs_root: Path, names: list[str], et: EarlyTermination) -> dict[str, dict[str, float]]:
-    """Early score (higher is better) and signals per run over the first probe budget, relative to `names`."""
+def early_scores(runs_root: Path, names: list[str], et: EarlyTermination,
+                 budget: int | None = None) -> dict[str, dict[str, float]]:
+    """Early score (higher is better) and signals per run over the first `budget` (default: the first
+    rung's) samples or steps, relative to `names`."""
     from labkit.store import Store
 
-    kw = {"first_samples": et.probe_samples} if et.probe_samples else {"first_steps": et.probe_steps}
+    budget = budget or et.budget
+    kw = {"first_samples": budget} if et.axis == "samples" else {"first_steps": budget}
     df = Store(runs_root).early_dynamics(runs=names, score=et.score, **kw)
     return {r["run_id"]: {"early_score": float(r["early_score"]), "grad_norm_mean": float(r["grad_norm_mean"]),
                           "loss_mean": float(r["loss_mean"])}
@@ -258,9 +273,9 @@ class Watcher:
 
     def __init__(self, sweep: Sweep, et: EarlyTermination, poll: float = 1.0):
         self.sweep, self.et, self.poll = sweep, et, poll
-        self.decided: set[str] = set()
+        self.decided: list[set[str]] = [set() for _ in et.budgets]  # per rung: runs judged there
         self.stopped: dict[str, dict[str, Any]] = {}
-        self.scores: dict[str, float] = {}
+        self.scores: dict[str, float] = {}  # early scores over the first rung's budget
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sweep-watcher", daemon=True)
         self.error: str | None = None
@@ -283,28 +298,36 @@ class Watcher:
                 self.sweep.log(f"early termination: {self.error}")
 
     def position(self, status: dict[str, Any]) -> int:
-        return int(status.get("samples" if self.et.probe_samples else "step") or 0)
+        return int(status.get("samples" if self.et.axis == "samples" else "step") or 0)
 
     def tick(self) -> None:
+        states = {name: runfiles.read_status(self.sweep.run_dirs[name]) for name in self.sweep.names}
+        for rung, budget in enumerate(self.et.budgets):
+            self._decide(rung, budget, states)
+
+    def _decide(self, rung: int, budget: int, states: dict[str, dict[str, Any]]) -> None:
+        """One rung: rank the runs that reached `budget` (and survived the rungs before) and stop the worst."""
         sweep, et = self.sweep, self.et
         probed, live_short, position = [], False, {}
-        for name in sweep.names:
-            st = runfiles.read_status(sweep.run_dirs[name])
+        for name, st in states.items():
+            if self.stopped.get(name, {}).get("rung", rung + 1) <= rung:
+                continue  # out at an earlier rung: it takes no place in later pools
             live = name in sweep.in_flight and st.get("state") not in runfiles.FINAL_STATES
             position[name] = self.position(st)
-            if position[name] >= et.budget:
+            if position[name] >= budget:
                 probed.append((name, live))
             elif live:
                 live_short = True
-        candidates = [n for n, live in probed if live and n not in self.decided]
-        overdue = any(position[n] >= et.budget * (1 + et.wait) for n in candidates)
-        # Runs started together are ranked together: wait for live runs still short of the probe,
-        # unless a candidate has already trained `wait` probe budgets past it.
+        candidates = [n for n, live in probed if live and n not in self.decided[rung]]
+        overdue = any(position[n] >= budget * (1 + et.wait) for n in candidates)
+        # Runs started together are ranked together: wait for live runs still short of the rung,
+        # unless a candidate has already trained `wait` budgets past it.
         if (live_short and not overdue) or not candidates or len(probed) < et.min_runs:
             return
-        signals = early_scores(sweep.runs_root, [n for n, _ in probed], et)
+        signals = early_scores(sweep.runs_root, [n for n, _ in probed], et, budget)
         scores = {n: v["early_score"] for n, v in signals.items()}
-        self.scores.update(scores)
+        if rung == 0:
+            self.scores.update(scores)
         # Best first; ties (the paper score is a sum of ranks) go to the lower early grad norm.
         pool = sorted(scores, key=lambda n: (-scores[n], signals[n]["grad_norm_mean"], n))
         if len(pool) < et.min_runs:
@@ -313,24 +336,26 @@ class Watcher:
         worst = set(pool[len(pool) - n_stop:]) if n_stop else set()
         now = time.time()
         live = {n for n, is_live in probed if is_live}
-        decision = {"time": now, "axis": et.axis, "budget": et.budget, "pool": len(pool),
+        decision = {"time": now, "rung": rung + 1, "axis": et.axis, "budget": budget, "pool": len(pool),
                     "ranking": [{"run": n, **signals[n], "rank": i + 1,
-                                 "verdict": "decided earlier" if n in self.decided
+                                 "verdict": "decided earlier" if n in self.decided[rung]
                                  else "ended before the decision" if n not in live else None}
                                 for i, n in enumerate(pool)],
                     "stopped": [], "kept": []}
         verdicts = {}
+        rung_text = f"rung {rung + 1}/{len(et.budgets)}, " if len(et.budgets) > 1 else ""
         for name in candidates:
             if name not in scores:
                 continue  # the store has no score yet (too few rows); try on the next tick
-            self.decided.add(name)
+            self.decided[rung].add(name)
             rank = pool.index(name) + 1
             if name in worst:
                 reason = (f"early termination by sweep {sweep.name}: early score {scores[name]:.4g} ranks "
-                          f"{rank}/{len(pool)} after {et.budget} {et.axis} (worst {et.stop_fraction:.0%} stop)")
+                          f"{rank}/{len(pool)} after {budget} {et.axis} ({rung_text}worst "
+                          f"{et.stop_fraction:.0%} stop)")
                 runfiles.request_stop(sweep.run_dirs[name], reason)
                 self.stopped[name] = {**signals[name], "rank": rank, "pool": len(pool), "time": now,
-                                      "reason": reason}
+                                      "rung": rung + 1, "budget": budget, "reason": reason}
                 decision["stopped"].append(name)
                 verdicts[name] = "stopped"
                 sweep.log(f"stop {name}: {reason}")

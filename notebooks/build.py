@@ -316,7 +316,8 @@ from labkit.store import Store
 
 store = Store(runs_root)
 store.sync()
-window = first_samples or (grid.early_termination.probe_samples if grid.early_termination else 256)
+et = grid.early_termination
+window = first_samples or (et.budget if et and et.axis == "samples" else 256)
 early = store.early_dynamics(first_samples=window)
 display(early)
 display(viz.early_scatter(early, title=f"first {window} samples"))

@@ -189,9 +189,9 @@ def _trainer_files(run_dir, grad_norm: float, loss: float, steps: int, state: st
                                                          "total_samples": 800})
 
 
-def _watcher(root, names, wait=1.0):
+def _watcher(root, names, wait=1.0, probe=16):
     spec = sweep.as_spec({"name": "w", "base": TINY, "runs": [{"name": n} for n in names],
-                          "early_termination": {"probe_samples": 16, "stop_fraction": 0.5, "wait": wait}})
+                          "early_termination": {"probe_samples": probe, "stop_fraction": 0.5, "wait": wait}})
     sw = sweep.Sweep(spec, root, log=lambda _: None)
     sw.record = {"early_termination": {"decisions": [], "stopped": {}}}
     sw.watcher = sweep.Watcher(sw, spec.early_termination)
@@ -205,12 +205,12 @@ def test_decision_waits_for_live_runs_short_of_the_probe(tmp_path):
     _trainer_files(tmp_path / "w__b", grad_norm=3.0, loss=1.0, steps=2)  # worst
     _trainer_files(tmp_path / "w__c", grad_norm=2.0, loss=2.0, steps=1)  # not at the probe yet
     w.tick()
-    assert not w.decided and not (tmp_path / "w__b" / "STOP").exists()
+    assert w.decided == [set()] and not (tmp_path / "w__b" / "STOP").exists()
     _trainer_files(tmp_path / "w__c", grad_norm=2.0, loss=2.0, steps=2)
     w.tick()
     assert set(w.stopped) == {"w__b"}  # floor(0.5 * 3) = 1, the worst of the three
     assert "ranks 3/3 after 16 samples" in (tmp_path / "w__b" / "STOP").read_text()
-    assert w.decided == {"w__a", "w__b", "w__c"}
+    assert w.decided == [{"w__a", "w__b", "w__c"}]
 
 
 def test_a_late_run_is_ranked_against_the_runs_probed_before_it(tmp_path):
@@ -236,10 +236,36 @@ def test_a_probed_run_stops_waiting_after_wait_probe_budgets(tmp_path):
     _trainer_files(tmp_path / "w__b", grad_norm=3.0, loss=1.0, steps=3)
     _trainer_files(tmp_path / "w__c", grad_norm=2.0, loss=2.0, steps=0)  # started late
     w.tick()
-    assert not w.decided  # 24 samples < 2 x 16: still waiting for c
+    assert w.decided == [set()]  # 24 samples < 2 x 16: still waiting for c
     _trainer_files(tmp_path / "w__a", grad_norm=1.0, loss=3.0, steps=4)
     w.tick()
-    assert set(w.stopped) == {"w__b"} and "w__c" not in w.decided
+    assert set(w.stopped) == {"w__b"} and "w__c" not in w.decided[0]
+
+
+def test_each_rung_halves_the_runs_that_survived_the_rung_before(tmp_path):
+    names = ["a", "b", "c", "d"]
+    sw, w = _watcher(tmp_path, names, probe=[16, 48])
+    # Early grad norm ranks them a < b < c < d at every window (same loss): d and c go at rung 1.
+    for i, n in enumerate(names):
+        _trainer_files(tmp_path / f"w__{n}", grad_norm=1.0 + i, loss=2.0, steps=2)
+    w.tick()
+    assert set(w.stopped) == {"w__c", "w__d"} and all(s["rung"] == 1 for s in w.stopped.values())
+    for n in ("a", "b"):
+        _trainer_files(tmp_path / f"w__{n}", grad_norm=1.0 + names.index(n), loss=2.0, steps=6)
+    for n in ("c", "d"):
+        _trainer_files(tmp_path / f"w__{n}", grad_norm=9.0, loss=2.0, steps=7, state="stopped")
+    w.tick()
+    assert set(w.stopped) == {"w__b", "w__c", "w__d"} and w.stopped["w__b"]["rung"] == 2
+    rung2 = sw.record["early_termination"]["decisions"][-1]
+    assert rung2["rung"] == 2 and rung2["budget"] == 48 and rung2["pool"] == 2  # c and d took no place
+    assert "rung 2/2" in (tmp_path / "w__b" / "STOP").read_text()
+    assert w.scores["w__a"] > w.scores["w__b"]  # early scores stay those of the first rung
+
+
+def test_probe_budgets_must_increase():
+    with pytest.raises(SweepError, match="positive and increasing"):
+        expand({"name": "s", "base": TINY, "axes": {"seed": [1]},
+                "early_termination": {"probe_samples": [64, 32]}})
 
 
 def test_labkit_sweep_dry_run_lists_the_runs(capsys):
