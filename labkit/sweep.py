@@ -246,13 +246,11 @@ def _describe(over: dict[str, Any]) -> str:
 # -- early termination -------------------------------------------------------------------------
 
 
-def early_scores(runs_root: Path, names: list[str], et: EarlyTermination,
-                 budget: int | None = None) -> dict[str, dict[str, float]]:
-    """Early score (higher is better) and signals per run over the first `budget` (default: the first
-    rung's) samples or steps, relative to `names`."""
+def early_scores(runs_root: Path, names: list[str], et: EarlyTermination, budget: int) -> dict[str, dict[str, float]]:
+    """Early score (higher is better) and signals per run over the first `budget` samples or steps
+    (et.axis), relative to `names`."""
     from labkit.store import Store
 
-    budget = budget or et.budget
     kw = {"first_samples": budget} if et.axis == "samples" else {"first_steps": budget}
     df = Store(runs_root).early_dynamics(runs=names, score=et.score, **kw)
     return {r["run_id"]: {"early_score": float(r["early_score"]), "grad_norm_mean": float(r["grad_norm_mean"]),
