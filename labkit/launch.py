@@ -20,12 +20,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from labkit import runfiles
 from labkit.config import ConfigError, RunConfig, load_config
+
+if TYPE_CHECKING:
+    from labkit.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "templates"
@@ -386,10 +389,10 @@ def runs(root: str | Path = "runs") -> list[Run]:
     return sorted(found, key=launched, reverse=True)
 
 
-def overview(root: str | Path = "runs", early: bool = True, store: Any = None) -> pd.DataFrame:
+def overview(root: str | Path = "runs", early: bool = True, store: Store | None = None) -> pd.DataFrame:
     """One row per run, newest first: state (with liveness), step, samples, last loss, and the early score
     over the first 100 steps from `labkit.store` (higher is better; see `Store.early_dynamics`).
-    `store`: a `labkit.store.Store` of `root` to reuse (a new one otherwise)."""
+    `store`: a Store of `root` to reuse (a new one otherwise)."""
     rows = []
     for run in runs(root):
         s = run.status()

@@ -20,7 +20,6 @@ import pandas as pd
 from labkit import catalog, runfiles
 from labkit.config import ConfigError, RunConfig, from_dict
 from labkit.launch import Run, launch, overview, runs
-from labkit.store import Store
 
 _offline = False
 
@@ -331,6 +330,8 @@ class Board(w.VBox):
         self.message = w.HTML()
         self.chart = _chart_widget(alt.Chart(pd.DataFrame({x: [], y: []})).mark_line())
         self._runs: dict[str, Run] = {}
+        from labkit.store import Store  # duckdb: only the board needs it
+
         self._refreshing = False  # resetting the options fires `value` events: draw once, at the end
         self._store = Store(root)
         self.overview = pd.DataFrame()
