@@ -336,7 +336,7 @@ def decisions_table(sweep_dir: str | Path):
 
 def sweep_markdown(sweep_dir: str | Path) -> str:
     """Runs, states, early-termination decisions and the compute they saved, in a few lines."""
-    from labkit.sweep import read_sweep
+    from labkit.sweep import EarlyTermination, read_sweep
 
     rec = read_sweep(sweep_dir)
     results = rec.get("results", [])
@@ -349,9 +349,9 @@ def sweep_markdown(sweep_dir: str | Path) -> str:
              f"concurrency {rec['concurrency']}."]
     et = rec.get("early_termination")
     if et:
-        budget = et.get("probe_samples") if et.get("probe_samples") is not None else et.get("probe_steps")
-        axis = "samples" if et.get("probe_samples") is not None else "steps"
-        at = " and ".join(map(str, budget)) if isinstance(budget, list) else budget
+        rule = EarlyTermination.model_validate({k: v for k, v in et.items() if k in EarlyTermination.model_fields})
+        at = " and ".join(map(str, rule.budgets))
+        axis = "samples" if rule.axis == "samples" else "steps"
         lines.append(f"- Early termination: after {at} {axis}, stop the worst {et['stop_fraction']:.0%} "
                      f"by early score ({et['score']}); stopped {len(et['stopped'])}: "
                      + (", ".join(f"`{n}`" for n in et["stopped"]) or "none") + ".")
