@@ -6,7 +6,7 @@ STAMP := $(VENV)/.labkit-installed
 # A CPU build of torch on CI; a bare `torch` would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench device-check device-wheels clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,14 @@ bench: venv
 	$(BIN)/python bench/loss.py
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/gpu_sft.py --dry-run   # on a CUDA machine: --preset 1b (see its --help)
+
+# On a lent GPU machine (bench/device_check.sh says what it runs; results in $$OUT or bench/results/device).
+device-check:
+	bash bench/device_check.sh
+
+# Here, before a device session: the wheels its image lacks, into .devwheels/ (carried to the device).
+device-wheels: venv
+	PYTHON=$(BIN)/python bash bench/device_wheels.sh
 
 clean:
 	rm -rf $(VENV) .labkit runs

@@ -12,7 +12,9 @@ Packed rows hold several samples; attention must not cross sample boundaries:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 
 import torch
 
@@ -36,11 +38,18 @@ def _varlen_forward(module, query, key, value, attention_mask, dropout=0.0, scal
     q = query.transpose(1, 2).reshape(b * t, hq, d)
     k = key.transpose(1, 2).reshape(b * t, key.shape[1], d)
     v = value.transpose(1, 2).reshape(b * t, value.shape[1], d)
-    out = varlen_attn(
-        q, k, v, cu, cu, int(max_len), int(max_len),
-        scale=scaling, window_size=(-1, 0), enable_gqa=hq != key.shape[1],
-    )
+    extra = {"enable_gqa": True} if hq != key.shape[1] and "enable_gqa" in _varlen_params() else {}
+    out = varlen_attn(q, k, v, cu, cu, int(max_len), int(max_len), scale=scaling, window_size=(-1, 0), **extra)
     return out.view(b, t, hq, d), None
+
+
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    # torch 2.11's varlen_attn takes fewer KV heads natively and has no `enable_gqa`; 2.13 needs the flag.
+    # Ask the installed kernel rather than the torch version.
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def register_varlen() -> str:
