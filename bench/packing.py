@@ -1,133 +1,198 @@
-"""Packing benchmark: multipack vs padded micro-batches on a lognormal length distribution.
+"""Packing benchmark: labkit's multipack against instructlab 0.6.1's, micro-batches per optimizer step.
 
-For each (effective batch, token budget, replicas) it plans one epoch and reports:
-- packing efficiency: real tokens / (micro-batches x replicas x budget), mean over steps;
-- bound: the best efficiency any plan with equal micro-batch counts per rank can reach
-  (ceil(step tokens / (replicas x budget)) micro-batches per rank), so efficiency / bound is the
-  packer's own loss and the rest is the granularity of whole micro-batches;
-- micro-batches per rank per step, and samples per micro-batch;
-- the padded alternatives: a fixed batch of budget // max_len samples padded to its longest row,
-  and labkit's `packing: false` plan (length-sorted groups), with their padding fractions;
-- planning time for the epoch.
+Grid: lognormal lengths (median 400 and 1,000 tokens, sigma 0.9, clipped to [50, 4096]) x
+effective batch x token budget per device x ranks. For each cell it plans one epoch with labkit and
+counts what instructlab-training 0.6.1 needs for the same data:
 
-    .venv/bin/python bench/packing.py            # writes bench/results/packing.json
+- labkit (`labkit.data.multipack.plan_epoch`): exactly `effective_batch_size` samples per step,
+  M micro-batches on every rank; compared as the mean M over the epoch's full steps (the partial
+  last step left out, as instructlab drops its tail);
+- labkit's previous planner (first-fit-decreasing into as many micro-batches B as needed, then
+  ceil(B / ranks) per rank), counted here for comparison;
+- instructlab 0.6.1, re-derived from its sampler (not imported, it needs numba and CUDA): it
+  picks the smallest gradient accumulation G whose per-rank capacity
+  C = int(mean length * effective batch / (G * ranks)) fits the token budget (or, when C would be
+  shorter than the longest sample, gives up on multipack and takes `effective batch // ranks`
+  samples per rank in one padded micro-batch). It then walks the shuffled samples and, for each
+  group of one micro-batch per rank, takes the longest run of next samples that first-fit-
+  decreasing fits into `ranks` bins of C tokens (found by its bisection), stopping at the first
+  group that fills fewer than `ranks` bins (the rest of the epoch is dropped). An optimizer step
+  is every G micro-batches, so its steps hold about, not exactly, `effective_batch_size` samples:
+  micro-batches per `effective_batch_size` samples is G / its packing efficiency, the fair count.
+
+`ok` in a cell: labkit's micro-batches per rank per effective batch <= instructlab's.
+
+    .venv/bin/python bench/packing.py            # full grid, 825,487 samples: bench/results/packing.json
+    .venv/bin/python bench/packing.py --quick    # a small grid in seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from labkit.data.multipack import packing_efficiency, padded_plan_epoch, plan_epoch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from labkit.data.multipack import packing_efficiency, plan_epoch  # noqa: E402
 
 
-def lengths(n: int, seed: int, lo: int, hi: int, mu: float, sigma: float) -> np.ndarray:
-    return np.clip(np.random.default_rng(seed).lognormal(mu, sigma, n), lo, hi).astype(np.int64)
+def lengths(n: int, seed: int, median: float, sigma: float = 0.9, lo: int = 50, hi: int = 4096) -> np.ndarray:
+    return np.clip(np.random.default_rng(seed).lognormal(math.log(median), sigma, n), lo, hi).astype(np.int64)
 
 
-def padding_fraction(groups: list[list[int]], lens: np.ndarray) -> float:
-    """Pad tokens / all tokens when each group is one right-padded batch."""
-    groups = [g for g in groups if g]
-    real = sum(int(lens[g].sum()) for g in groups)
-    slots = sum(len(g) * int(lens[g].max()) for g in groups)
-    return 1 - real / slots
+# -- instructlab 0.6.1, counted ------------------------------------------------------------------
+
+def _first_fit_bins(sizes_desc: np.ndarray, capacity: int, bins: int) -> int:
+    """Bins first-fit uses for sizes (longest first) in `bins` bins of `capacity`; -1 if they do not fit."""
+    if not len(sizes_desc):
+        return 0
+    if bins == 1:
+        return 1 if int(sizes_desc.sum()) <= capacity else -1
+    room = np.full(bins, capacity, dtype=np.int64)
+    used = 0
+    for s in sizes_desc.tolist():
+        b = int(np.argmax(room >= s))
+        if room[b] < s:
+            return -1
+        room[b] -= s
+        used = max(used, b + 1)  # first fit opens bins in order: the used ones are a prefix
+    return used
 
 
-def fixed_padded(lens: np.ndarray, ebs: int, per_mb: int, seed: int) -> list[list[int]]:
-    """The naive padded loader: shuffled steps cut into micro-batches of `per_mb` samples."""
-    order = np.random.default_rng([seed, 0]).permutation(len(lens))
-    return [order[i : i + per_mb].tolist() for s in range(0, len(lens), ebs)
-            for i in range(s, min(s + ebs, len(lens)), per_mb)]
+def instructlab_count(lens: np.ndarray, ebs: int, budget: int, ranks: int, seed: int, epoch: int = 0) -> dict:
+    mean, longest = float(lens.mean()), int(lens.max())
+    accum, capacity = 0, budget + 1
+    while capacity > budget:
+        accum += 1
+        capacity = int(mean * ebs / accum / ranks)
+        if capacity < longest:  # instructlab falls back to plain distributed sampling, one micro-batch
+            per_rank = max(1, ebs // ranks)
+            steps = -(-len(lens) // (per_rank * ranks))
+            return {"fallback": True, "grad_accum": 1, "capacity": None, "micro_batches_per_rank": steps,
+                    "samples_used": len(lens), "micro_batches_per_step": 1,
+                    "micro_batches_per_effective_batch": steps * ebs / len(lens)}
+    order = np.random.default_rng(seed + epoch).permutation(len(lens))
+    order = order[lens[order] <= capacity]
+    run = lens[order]
+    cum = np.cumsum(run)
+    start, before, groups = 0, 0, 0
+    while True:
+        lo, hi = 1, 1 + int(np.searchsorted(cum[start:], before + capacity * ranks, "right"))
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if _first_fit_bins(np.sort(run[start : start + mid])[::-1], capacity, ranks) > 0:
+                lo = mid
+            else:
+                hi = mid
+        if _first_fit_bins(np.sort(run[start : start + lo])[::-1], capacity, ranks) < ranks:
+            break  # a group that fills fewer bins than ranks ends the epoch
+        start += lo
+        before = int(cum[start - 1])
+        groups += 1
+    return {"fallback": False, "grad_accum": accum, "capacity": capacity, "micro_batches_per_rank": groups,
+            "samples_used": start, "micro_batches_per_step": accum,
+            "micro_batches_per_effective_batch": groups * ebs / start if start else float("nan"),
+            "packing_efficiency": int(run[:start].sum()) / (groups * ranks * capacity) if groups else 0.0}
 
 
-def run_case(lens: np.ndarray, ebs: int, budget: int, replicas: int, seed: int, max_len: int) -> dict:
+# -- labkit --------------------------------------------------------------------------------------
+
+def previous_per_rank(step_lens: np.ndarray, budget: int, ranks: int) -> int:
+    """labkit's previous planner: FFD into as many bins as needed, then ceil(bins / ranks) per rank."""
+    sizes = np.sort(step_lens)[::-1]
+    return -(-_first_fit_bins(sizes, budget, len(sizes)) // ranks)
+
+
+def run_cell(lens: np.ndarray, ebs: int, budget: int, ranks: int, seed: int, previous: bool) -> dict:
     t = time.perf_counter()
-    plan = plan_epoch(lens, ebs, budget, replicas, seed, 0)
+    plan = plan_epoch(lens, ebs, budget, ranks, seed, 0)
     plan_s = time.perf_counter() - t
-    t = time.perf_counter()
-    padded = padded_plan_epoch(lens, ebs, budget, replicas, seed, 0)
-    padded_plan_s = time.perf_counter() - t
-
-    eff = np.array([packing_efficiency(s, lens, budget) for s in plan])
+    per_step = np.array([len(s[0]) for s in plan])
+    sizes = np.array([sum(len(mb) for r in s for mb in r) for s in plan])
+    assert (sizes[:-1] == ebs).all() and all(len({len(r) for r in s}) == 1 for s in plan)
+    assert all(sum(int(lens[i]) for i in mb) <= budget for s in plan for r in s for mb in r)
     tokens = np.array([sum(int(lens[i]) for r in s for mb in r for i in mb) for s in plan])
-    fewest = -(-tokens // (replicas * budget))
-    bound = tokens / (fewest * replicas * budget)
-    mbs = np.array([len(s[0]) for s in plan])
-    real_mbs = [mb for s in plan for r in s for mb in r if mb]
-    per_mb = max(1, budget // max_len)
-    naive = fixed_padded(lens, ebs, per_mb, seed)
-    padded_mbs = [mb for s in padded for r in s for mb in r]
-    return {
-        "effective_batch_size": ebs, "max_tokens_per_device": budget, "replicas": replicas,
-        "steps": len(plan),
-        "packing_efficiency": float(eff.mean()),
-        "packing_efficiency_full_steps": float(eff[:-1].mean()) if len(eff) > 1 else float(eff.mean()),
-        "efficiency_bound": float(bound.mean()),
-        "micro_batches_per_rank": float(mbs.mean()),
-        "extra_micro_batches_per_rank": float((mbs - fewest).mean()),
-        "empty_micro_batches": int(sum(1 for s in plan for r in s for mb in r if not mb)),
-        "samples_per_micro_batch": float(np.mean([len(mb) for mb in real_mbs])),
-        "rank_token_imbalance": float(np.mean([
-            (max(loads) - min(loads)) / max(loads) for s in plan
-            for loads in [[sum(int(lens[i]) for mb in r for i in mb) for r in s]]])),
-        "fixed_padded_samples_per_micro_batch": per_mb,
-        "fixed_padded_micro_batches_per_rank": float(np.mean([
-            -(-min(ebs, len(lens) - i) // (per_mb * replicas)) for i in range(0, len(lens), ebs)])),
-        "fixed_padded_padding_fraction": padding_fraction(naive, lens),
-        "padded_plan_micro_batches_per_rank": float(np.mean([len(s[0]) for s in padded])),
-        "padded_plan_samples_per_micro_batch": float(np.mean([len(mb) for mb in padded_mbs if mb])),
-        "padded_plan_padding_fraction": padding_fraction(padded_mbs, lens),
-        "plan_seconds": plan_s,
-        "padded_plan_seconds": padded_plan_s,
+    bound = -(-tokens // (ranks * budget))
+    t = time.perf_counter()
+    il = instructlab_count(lens, ebs, budget, ranks, seed)
+    il_s = time.perf_counter() - t
+    # Over the full steps (exactly `ebs` samples each); the partial last step, like instructlab's
+    # dropped tail, is left out of the comparison.
+    full = per_step[:-1] if len(plan) > 1 and sizes[-1] < ebs else per_step
+    lk_per_ebs = float(full.mean())
+    cell = {
+        "effective_batch_size": ebs, "max_tokens_per_device": budget, "ranks": ranks, "steps": len(plan),
+        "labkit_micro_batches_per_step": float(per_step.mean()),
+        "labkit_micro_batches_per_step_max": int(per_step.max()),
+        "labkit_micro_batches_per_effective_batch": lk_per_ebs,
+        "labkit_over_bound": float((per_step - bound).mean()),
+        "labkit_packing_efficiency": float(np.mean([packing_efficiency(s, lens, budget) for s in plan])),
+        "labkit_plan_seconds": plan_s,
+        "instructlab": il, "instructlab_count_seconds": il_s,
+        "ok": lk_per_ebs <= il["micro_batches_per_effective_batch"] + 1e-9,
+        "labkit_vs_instructlab": lk_per_ebs / il["micro_batches_per_effective_batch"] - 1,
     }
+    if previous:
+        order = np.random.default_rng([seed, 0]).permutation(len(lens))
+        prev = np.array([previous_per_rank(lens[order[i : i + ebs]], budget, ranks)
+                         for i in range(0, len(lens) - ebs + 1, ebs)])
+        cell["previous_micro_batches_per_effective_batch"] = float(prev.mean())
+        cell["previous_vs_instructlab"] = (cell["previous_micro_batches_per_effective_batch"]
+                                           / il["micro_batches_per_effective_batch"] - 1)
+    return cell
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=20_000)
+    ap.add_argument("--samples", type=int, default=825_487, help="the paper's stacked set size")
+    ap.add_argument("--medians", type=float, nargs="+", default=[400, 1000])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 3840, 7680])
+    ap.add_argument("--budgets", type=int, nargs="+", default=[16384, 60000])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--min-len", type=int, default=50)
-    ap.add_argument("--max-len", type=int, default=4096)
-    ap.add_argument("--mu", type=float, default=6.3, help="lognormal mu (median length = e^mu)")
-    ap.add_argument("--sigma", type=float, default=0.9)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 3840])
-    ap.add_argument("--budgets", type=int, nargs="+", default=[16384, 65536])
-    ap.add_argument("--replicas", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--previous", action="store_true", help="also count labkit's previous planner (slow)")
+    ap.add_argument("--quick", action="store_true", help="20,000 samples, a 2x2x2x2 grid")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "packing.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.samples, args.batch_sizes, args.budgets, args.ranks = 20_000, [128, 3840], [16384, 60000], [1, 8]
 
-    lens = lengths(args.samples, args.seed, args.min_len, args.max_len, args.mu, args.sigma)
-    cases = [run_case(lens, ebs, budget, r, args.seed, args.max_len)
-             for ebs in args.batch_sizes for budget in args.budgets for r in args.replicas]
-    result = {
-        "lengths": {"samples": len(lens), "seed": args.seed, "distribution": "lognormal, clipped",
-                    "mu": args.mu, "sigma": args.sigma, "min": args.min_len, "max": args.max_len,
-                    "mean": float(lens.mean()), "median": float(np.median(lens))},
-        "machine": platform.platform(), "python": platform.python_version(),
-        "cases": cases,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-
-    print(f"{len(lens)} samples, mean length {lens.mean():.0f}, median {np.median(lens):.0f}")
-    head = f"{'batch':>6} {'budget':>6} {'ranks':>5} | {'eff':>6} {'bound':>6} {'mb/rank':>7} {'extra':>5} " \
-           f"{'smp/mb':>6} | {'fixed':>5} {'pad%':>5} | {'sorted':>6} {'pad%':>5} | {'plan s':>6}"
+    cells = []
+    head = (f"{'median':>6} {'batch':>5} {'budget':>6} {'ranks':>5} | {'labkit':>7} {'max':>4} {'eff':>6} | "
+            f"{'ilab':>7} {'G':>3} {'eff':>6} | {'diff':>7} {'prev':>7} | {'plan s':>6}")
     print(head)
     print("-" * len(head))
-    for c in cases:
-        print(f"{c['effective_batch_size']:>6} {c['max_tokens_per_device']:>6} {c['replicas']:>5} | "
-              f"{c['packing_efficiency']:>6.1%} {c['efficiency_bound']:>6.1%} {c['micro_batches_per_rank']:>7.1f} "
-              f"{c['extra_micro_batches_per_rank']:>5.2f} {c['samples_per_micro_batch']:>6.1f} | "
-              f"{c['fixed_padded_samples_per_micro_batch']:>5} {c['fixed_padded_padding_fraction']:>5.0%} | "
-              f"{c['padded_plan_samples_per_micro_batch']:>6.1f} {c['padded_plan_padding_fraction']:>5.0%} | "
-              f"{c['plan_seconds']:>6.3f}")
-    print(f"wrote {args.out}")
+    for median in args.medians:
+        lens = lengths(args.samples, args.seed, median)
+        for ebs in args.batch_sizes:
+            for budget in args.budgets:
+                for ranks in args.ranks:
+                    c = {"median": median, "mean_length": float(lens.mean()),
+                         **run_cell(lens, ebs, budget, ranks, args.seed, args.previous)}
+                    cells.append(c)
+                    il = c["instructlab"]
+                    prev = f"{c['previous_vs_instructlab']:>+7.1%}" if args.previous else f"{'':>7}"
+                    print(f"{median:>6.0f} {ebs:>5} {budget:>6} {ranks:>5} | "
+                          f"{c['labkit_micro_batches_per_effective_batch']:>7.3f} "
+                          f"{c['labkit_micro_batches_per_step_max']:>4} {c['labkit_packing_efficiency']:>6.1%} | "
+                          f"{il['micro_batches_per_effective_batch']:>7.3f} {il['grad_accum']:>3} "
+                          f"{il.get('packing_efficiency', float('nan')):>6.1%} | "
+                          f"{c['labkit_vs_instructlab']:>+7.1%} {prev} | {c['labkit_plan_seconds']:>6.2f}",
+                          flush=True)
+    result = {"samples": args.samples, "distribution": "lognormal sigma 0.9, clipped to [50, 4096]",
+              "seed": args.seed, "machine": platform.platform(), "python": platform.python_version(),
+              "all_ok": all(c["ok"] for c in cells), "cells": cells}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"all cells within instructlab's micro-batches: {result['all_ok']}; wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,9 +1,13 @@
 """A tiny Llama-architecture model and BPE tokenizer, built offline from the shipped data.
 
-Nothing is downloaded: the tokenizer is trained with `tokenizers` on the catalog's chat
-files, the model is randomly initialised from a fixed seed, and both are saved as an
-ordinary Hugging Face checkpoint directory. The trainer, evaluation and notebooks then
-load it exactly like a user's real local checkpoint.
+Nothing is downloaded: the tokenizer is trained with `tokenizers` on the chat files of the
+datasets shipped with labkit (never a user's catalog: a user's broken or changed card must not
+change or break the model every test and tutorial uses), the model is randomly initialised from a
+fixed seed, and both are saved as an ordinary Hugging Face checkpoint directory. The trainer,
+evaluation and notebooks then load it exactly like a user's real local checkpoint.
+
+The cache entry is built once per node (`labkit.buildonce`): ranks starting together wait for
+the first one, and an entry left incomplete by a killed build is rebuilt.
 """
 
 from __future__ import annotations
@@ -11,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from labkit.buildonce import build_once
 
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 END, PAD, BOS = "<|end|>", "<|pad|>", "<|bos|>"
@@ -50,10 +54,15 @@ def home() -> Path:
     return Path(__file__).resolve().parent.parent / ".labkit"
 
 
+SHIPPED_CATALOG = Path(__file__).resolve().parent.parent / "data_catalog"
+SHIPPED_TRAINING_SETS = ("knowledge", "skills")
+
+
 def _training_files() -> list[Path]:
     from labkit import catalog
 
-    return sorted(c.path for c in catalog.cards().values() if c.kind != "eval")
+    shipped = catalog.cards(SHIPPED_CATALOG)
+    return sorted(shipped[name].path for name in SHIPPED_TRAINING_SETS)
 
 
 def _fingerprint(files: list[Path], seed: int) -> str:
@@ -112,37 +121,28 @@ def build_model(tokenizer, seed: int):
     return LlamaForCausalLM(config)
 
 
-def build(out_dir: str | Path, seed: int = 0, files: list[Path] | None = None) -> Path:
-    """Build tokenizer and model into `out_dir` (written atomically: temp dir, then rename)."""
-    out_dir = Path(out_dir)
-    files = files or _training_files()
+def _save(tmp: Path, seed: int, files: list[Path]) -> None:
     tokenizer = build_tokenizer(files)
     model = build_model(tokenizer, seed)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-", dir=out_dir.parent))
-    try:
-        tokenizer.save_pretrained(tmp)
-        model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "labkit_tiny.json").write_text(
-            json.dumps({"seed": seed, "data": [str(f) for f in files], "params": model.num_parameters()})
-        )
-        try:
-            tmp.rename(out_dir)
-        except OSError:
-            if not (out_dir / "config.json").is_file():  # lost a race to a complete build: fine
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "labkit_tiny.json").write_text(
+        json.dumps({"seed": seed, "data": [str(f) for f in files], "params": model.num_parameters()})
+    )
+
+
+def build(out_dir: str | Path, seed: int = 0, files: list[Path] | None = None) -> Path:
+    """Tokenizer and model in `out_dir`, built once (a complete existing entry is kept as is)."""
+    out_dir = Path(out_dir)
+    files = files or _training_files()
+    build_once(out_dir, lambda tmp: _save(tmp, seed, files))
     return out_dir
 
 
 def ensure_tiny(seed: int = 0) -> Path:
-    """Path of the tiny checkpoint for the current catalog data, building it on first use."""
+    """Path of the tiny checkpoint for the shipped data, building it on first use."""
     files = _training_files()
-    out = home() / f"tiny-{_fingerprint(files, seed)}"
-    if not (out / "config.json").is_file():
-        build(out, seed=seed, files=files)
-    return out
+    return build(home() / f"tiny-{_fingerprint(files, seed)}", seed=seed, files=files)
 
 
 def resolve_model(model: str) -> Path:

@@ -44,3 +44,23 @@ def test_ensure_tiny_is_cached(tiny_dir):
     mtime = (tiny_dir / "config.json").stat().st_mtime
     assert tiny.ensure_tiny() == tiny_dir
     assert (tiny_dir / "config.json").stat().st_mtime == mtime
+
+
+def test_poisoned_cache_entry_is_detected_and_rebuilt(tiny_dir, tmp_path, monkeypatch):
+    # What a 2-process start on a fresh checkout used to leave: tokenizer files, no config or weights.
+    monkeypatch.setenv("LABKIT_HOME", str(tmp_path))
+    entry = tmp_path / tiny_dir.name
+    entry.mkdir()
+    for f in tiny_dir.glob("tokenizer*"):
+        (entry / f.name).write_bytes(f.read_bytes())
+    assert tiny.ensure_tiny() == entry
+    assert AutoModelForCausalLM.from_pretrained(entry).num_parameters() > 1e6
+    assert (entry / "model.safetensors").read_bytes() == (tiny_dir / "model.safetensors").read_bytes()
+
+
+def test_users_broken_catalog_card_does_not_touch_the_tiny_model(tiny_dir, tmp_path, monkeypatch):
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    (tmp_path / "mine.yaml").write_text("name: mine\npath: missing.jsonl\nkind: skills\n")
+    monkeypatch.setenv("LABKIT_CATALOG", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert tiny.ensure_tiny() == tiny_dir

@@ -1,10 +1,7 @@
-import json
-
 import pytest
 from transformers import AutoTokenizer
 
-from labkit.catalog import DataError
-from labkit.data.tokenize import IGNORE, TemplateError, load_tokenized, tokenize_chat, tokenize_records
+from labkit.data.tokenize import IGNORE, TemplateError, tokenize_chat, tokenize_records
 
 QWEN_STYLE = (
     "{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
@@ -103,47 +100,3 @@ def test_truncation_that_cuts_off_every_assistant_token_drops_the_sample(tok):
     # The long prompt alone is longer than 100 tokens: nothing left to learn.
     samples, report = tokenize_records(records(), tok, max_seq_len=100, overlong="truncate")
     assert report["no_loss_tokens"] == 2 and report["truncated"] == 2 and report["samples"] == 3 == len(samples)
-
-
-def write_jsonl(path, recs) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-
-
-def test_second_load_is_a_cache_hit_with_the_same_samples(tok, tiny_dir, tmp_path):
-    data = tmp_path / "chat.jsonl"
-    write_jsonl(data, records())
-    first, r1 = load_tokenized(data, tok, tiny_dir, 256, cache_dir=tmp_path / "cache")
-    second, r2 = load_tokenized(data, tok, tiny_dir, 256, cache_dir=tmp_path / "cache")
-    assert (r1["cached"], r2["cached"]) == (False, True)
-    assert second == first and r2["samples"] == r1["samples"] == 5
-    assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix != ".npz"]  # no temp files left
-
-
-def test_cache_is_rebuilt_when_settings_or_data_change(tok, tiny_dir, tmp_path):
-    data, cache = tmp_path / "chat.jsonl", tmp_path / "cache"
-    write_jsonl(data, records())
-    load_tokenized(data, tok, tiny_dir, 256, cache_dir=cache)
-    _, r = load_tokenized(data, tok, tiny_dir, 128, cache_dir=cache)
-    assert not r["cached"] and r["dropped_overlong"] == 2
-    _, r = load_tokenized(data, tok, tiny_dir, 128, overlong="truncate", cache_dir=cache)
-    assert not r["cached"] and r["truncated"] == 2
-    write_jsonl(data, records(n_long=0))
-    samples, r = load_tokenized(data, tok, tiny_dir, 256, cache_dir=cache)
-    assert not r["cached"] and len(samples) == 3
-
-
-def test_cache_is_rebuilt_when_the_chat_template_changes(tok, tiny_dir, tmp_path):
-    data, cache = tmp_path / "chat.jsonl", tmp_path / "cache"
-    write_jsonl(data, records())
-    load_tokenized(data, tok, tiny_dir, 256, cache_dir=cache)
-    _, r = load_tokenized(data, with_template(tiny_dir, QWEN_STYLE), tiny_dir, 256, cache_dir=cache)
-    assert not r["cached"]
-
-
-def test_bad_line_names_file_and_line_or_is_skipped(tok, tiny_dir, tmp_path):
-    data = tmp_path / "chat.jsonl"
-    write_jsonl(data, records(n_long=0, n_short=2) + [{"messages": [{"role": "user", "content": "no answer"}]}])
-    with pytest.raises(DataError, match=r"chat\.jsonl:3: no assistant turn"):
-        load_tokenized(data, tok, tiny_dir, 256, cache_dir=tmp_path / "cache")
-    samples, r = load_tokenized(data, tok, tiny_dir, 256, cache_dir=tmp_path / "cache", on_error="skip")
-    assert len(samples) == 2 and r["skipped"] == 1

@@ -1,4 +1,4 @@
-"""Chat samples to token ids with assistant-only labels, cached on disk.
+"""Chat samples to token ids with assistant-only labels (stored on disk by `labkit.data.tokenstore`).
 
 Labels come from character spans, not from template-specific markers, so any chat template works
 (Llama-3, Qwen, the tiny one). Assistant turn i spans from the end of the rendered prompt
@@ -13,20 +13,12 @@ what follows it. Labelled tokens are exactly the assistant content and its end-o
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 IGNORE = -100
-CACHE_VERSION = 2
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json")
-REPORT_KEYS = ("dropped_overlong", "truncated", "no_loss_tokens", "skipped")
 
 
 @dataclass
@@ -123,75 +115,3 @@ def tokenize_records(records, tokenizer, max_seq_len: int, overlong: Literal["dr
             out.append(TokenizedSample(list(ids), labels))
     report["samples"] = len(out)
     return out, report
-
-
-def cache_key(data_path: Path, tokenizer, tokenizer_dir: Path, max_seq_len: int, overlong: str,
-              on_error: str = "raise") -> str:
-    """Hash of everything the tokenized samples depend on."""
-    h = hashlib.sha256(f"{CACHE_VERSION}|{max_seq_len}|{overlong}|{on_error}|".encode())
-    h.update((tokenizer.chat_template or "").encode() if isinstance(tokenizer.chat_template, str)
-             else repr(tokenizer.chat_template).encode())
-    h.update(Path(data_path).read_bytes())
-    for name in TOKENIZER_FILES:
-        f = Path(tokenizer_dir) / name
-        if f.is_file():
-            h.update(name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:20]
-
-
-def _read_cache(path: Path) -> tuple[list[TokenizedSample], dict]:
-    with np.load(path, allow_pickle=False) as z:
-        ids, labels, offsets = z["ids"].tolist(), z["labels"].tolist(), z["offsets"].tolist()
-        report = {k: int(z[k]) for k in REPORT_KEYS}
-    samples = [TokenizedSample(ids[a:b], labels[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
-    return samples, report
-
-
-def _write_cache(path: Path, samples: list[TokenizedSample], report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    offsets = np.cumsum([0] + [len(s.input_ids) for s in samples], dtype=np.int64)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(
-                fh,
-                ids=np.fromiter((t for s in samples for t in s.input_ids), dtype=np.int32, count=int(offsets[-1])),
-                labels=np.fromiter((t for s in samples for t in s.labels), dtype=np.int32, count=int(offsets[-1])),
-                offsets=offsets,
-                **{k: np.int64(report[k]) for k in REPORT_KEYS},
-            )
-        # Ranks and processes racing here write identical bytes; readers see a whole file or none.
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_tokenized(data_path: Path, tokenizer, tokenizer_dir: Path, max_seq_len: int,
-                   overlong: Literal["drop", "truncate"] = "drop", cache_dir: Path | None = None,
-                   on_error: Literal["raise", "skip"] = "raise") -> tuple[list[TokenizedSample], dict]:
-    """Validated, tokenized samples of a chat JSONL file, cached: the second call for the same inputs
-    (data bytes, tokenizer files, chat template, max_seq_len, overlong) loads the cache.
-
-    The report holds `source`, `samples`, `dropped_overlong`, `truncated`, `no_loss_tokens`,
-    `skipped` (bad lines, with `on_error="skip"`) and `cached`.
-    """
-    from labkit.catalog import load_jsonl
-    from labkit.tiny import home
-
-    data_path = Path(data_path)
-    cache_dir = Path(cache_dir) if cache_dir is not None else home() / "tokenized"
-    key = cache_key(data_path, tokenizer, tokenizer_dir, max_seq_len, overlong, on_error)
-    path = cache_dir / f"{data_path.stem}-{key}.npz"
-    if path.is_file():
-        try:
-            samples, report = _read_cache(path)
-            return samples, {"source": str(data_path), "samples": len(samples), **report, "cached": True}
-        except (OSError, KeyError, ValueError):
-            pass  # an unreadable cache file is rebuilt below
-
-    records, load_report = load_jsonl(data_path, on_error=on_error)
-    samples, report = tokenize_records(records, tokenizer, max_seq_len, overlong, source=str(data_path))
-    report["skipped"] = load_report.skipped
-    _write_cache(path, samples, report)
-    return samples, {**report, "cached": False}

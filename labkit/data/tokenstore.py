@@ -1,0 +1,314 @@
+"""Tokenized datasets as flat memory-mapped arrays on disk, built once per node, mapped by every rank.
+
+A store is one cache directory holding
+- `ids.bin`, `labels.bin`: every sample's token ids and labels back to back (int32, native order);
+- `offsets.npy` (int64, samples + 1) and `lengths.npy` (int32): where each sample starts, its length;
+- `meta.json`: the tokenization report and the array sizes;
+- the completion marker of `labkit.buildonce`, written last.
+
+Every rank opens the arrays with `np.memmap` / `np.load(mmap_mode="r")`: the pages are the page
+cache's, shared by all processes on the node, so a rank's private memory does not grow with the
+dataset (a rank touches only `lengths` and the samples it trains on). Labels are stored as
+int32 rather than a loss mask so any labelling strategy (not only "label = id or ignore") fits.
+
+The first process on a node builds the store under the entry's lock (`labkit.buildonce`); the
+others wait, then map it. Large inputs are tokenized by a process pool over record chunks
+(`LABKIT_TOKENIZE_WORKERS` caps the workers); chunks are written in input order, so the store is
+the same bytes whatever the number of workers.
+
+The cache key is a hash of everything the samples depend on. The data file enters it through a
+streamed SHA-256 (1 MiB chunks, never the whole file in memory); since hashing a multi-GB file
+takes seconds on every start of every rank, the digest is memoised next to the cache, keyed on
+the file's path, size, mtime_ns and inode: a file rewritten in place changes its mtime_ns (and
+almost always its size), a file replaced by rename changes its inode, and either re-hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from labkit.buildonce import build_once
+from labkit.data.tokenize import TokenizedSample, tokenize_records
+
+STORE_VERSION = 3
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json")
+REPORT_KEYS = ("samples", "dropped_overlong", "truncated", "no_loss_tokens", "skipped")
+CHUNK_RECORDS = 2000
+# Below this many records a pool costs more to start (a fresh interpreter importing transformers
+# per worker, ~2 s) than it saves.
+POOL_MIN_RECORDS = 8000
+DTYPE = np.dtype("int32")
+
+
+class TokenStore:
+    """A built store, memory-mapped read-only. `store[i]` is sample i, as views into the maps."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.meta = json.loads((self.directory / "meta.json").read_text())
+        tokens = int(self.meta["tokens"])
+        self.ids = self._map("ids.bin", tokens)
+        self.labels = self._map("labels.bin", tokens)
+        self.offsets = np.load(self.directory / "offsets.npy", mmap_mode="r")
+        self.lengths = np.load(self.directory / "lengths.npy", mmap_mode="r")
+        if len(self.offsets) != len(self.lengths) + 1 or int(self.offsets[-1]) != tokens:
+            raise ValueError(f"{self.directory}: offsets do not match the token arrays")
+
+    def _map(self, name: str, tokens: int) -> np.ndarray:
+        if tokens == 0:  # mmap refuses an empty file
+            return np.empty(0, dtype=DTYPE)
+        return np.memmap(self.directory / name, dtype=DTYPE, mode="r", shape=(tokens,))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> TokenizedSample:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return TokenizedSample(self.ids[a:b], self.labels[a:b])
+
+    @property
+    def report(self) -> dict:
+        return dict(self.meta["report"])
+
+
+class ConcatStore:
+    """Several stores (a phase's datasets) indexed as one, in order."""
+
+    def __init__(self, stores: list[TokenStore]):
+        self.stores = list(stores)
+        sizes = [len(s) for s in self.stores]
+        self.starts = np.cumsum([0, *sizes])
+        self.lengths = np.concatenate([np.asarray(s.lengths) for s in self.stores]) if self.stores \
+            else np.empty(0, dtype=DTYPE)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> TokenizedSample:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.stores[k][i - int(self.starts[k])]
+
+
+# -- cache key ----------------------------------------------------------------------------------
+
+def file_digest(path: str | Path, memo_dir: str | Path | None = None) -> str:
+    """SHA-256 of a file's bytes, streamed; memoised in `memo_dir` under (path, size, mtime_ns, inode)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = [str(path), st.st_size, st.st_mtime_ns, st.st_ino]
+    memo = None
+    if memo_dir is not None:
+        memo = Path(memo_dir) / (hashlib.sha256(str(path).encode()).hexdigest()[:24] + ".json")
+        try:
+            saved = json.loads(memo.read_text())
+            if saved["stamp"] == stamp:
+                return saved["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if memo is not None and os.stat(path).st_mtime_ns == st.st_mtime_ns:  # not changed while hashed
+        _write_atomic(memo, json.dumps({"stamp": stamp, "sha256": digest}))
+    return digest
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cache_key(data_path: str | Path, tokenizer, tokenizer_dir: str | Path, max_seq_len: int, overlong: str,
+              on_error: str = "raise", options: dict | None = None, memo_dir: str | Path | None = None) -> str:
+    """Hash of everything the tokenized samples depend on: the data bytes, the tokenizer files and
+    chat template, `max_seq_len`, `overlong`, `on_error` and the labelling `options`."""
+    template = tokenizer.chat_template
+    h = hashlib.sha256(json.dumps(
+        [STORE_VERSION, max_seq_len, overlong, on_error, sorted((options or {}).items()),
+         template if isinstance(template, str) else repr(template)], default=repr).encode())
+    h.update(file_digest(data_path, memo_dir).encode())
+    for name in TOKENIZER_FILES:
+        f = Path(tokenizer_dir) / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + file_digest(f).encode())
+    return h.hexdigest()[:20]
+
+
+# -- building -----------------------------------------------------------------------------------
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
+    _worker_tokenizer = tokenizer
+
+
+def _tokenize_chunk(records: list[dict], tokenizer, max_seq_len: int, overlong: str, source: str,
+                    options: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    samples, report = tokenize_records(records, tokenizer, max_seq_len, overlong, source=source, **options)
+    lengths = np.fromiter((len(s.input_ids) for s in samples), dtype=DTYPE, count=len(samples))
+    ids = np.fromiter(itertools.chain.from_iterable(s.input_ids for s in samples), dtype=DTYPE,
+                      count=int(lengths.sum()))
+    labels = np.fromiter(itertools.chain.from_iterable(s.labels for s in samples), dtype=DTYPE,
+                         count=int(lengths.sum()))
+    return ids, labels, lengths, report
+
+
+def _pooled_chunk(records, max_seq_len, overlong, source, options):
+    return _tokenize_chunk(records, _worker_tokenizer, max_seq_len, overlong, source, options)
+
+
+def default_workers() -> int:
+    """Cores this process may use, capped by `LABKIT_TOKENIZE_WORKERS`."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cap = os.environ.get("LABKIT_TOKENIZE_WORKERS")
+    if cap:
+        try:
+            n = min(n, int(cap))
+        except ValueError:
+            raise ValueError(f"LABKIT_TOKENIZE_WORKERS must be a whole number, got {cap!r}") from None
+    return max(1, n)
+
+
+def _chunks(records: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    it = iter(records)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def build_store(out_dir: str | Path, records: Iterable[dict], tokenizer, max_seq_len: int,
+                overlong: Literal["drop", "truncate"] = "drop", source: str = "", options: dict | None = None,
+                workers: int | None = None, chunk_records: int = CHUNK_RECORDS,
+                pool_min_records: int = POOL_MIN_RECORDS,
+                extra_report: Callable[[], dict] | None = None) -> dict:
+    """Tokenize `records` (any iterable of chat records) into the store files in `out_dir`; the report.
+
+    Records are consumed in chunks, and at most two chunks per worker are in flight, so memory stays
+    flat whatever the input size. A pool starts only when the input holds at least
+    `pool_min_records` records and more than one worker is allowed. `extra_report()` is called
+    once the records are consumed (a streaming source knows its skipped lines only then).
+    """
+    out_dir = Path(out_dir)
+    options = dict(options or {})
+    workers = default_workers() if workers is None else max(1, int(workers))
+    chunks = _chunks(records, chunk_records)
+    head = list(itertools.islice(chunks, max(1, -(-pool_min_records // chunk_records))))
+    pooled = workers > 1 and sum(len(c) for c in head) >= pool_min_records
+    totals = {k: 0 for k in REPORT_KEYS}
+    lengths_parts: list[np.ndarray] = []
+    with open(out_dir / "ids.bin", "wb") as ids_f, open(out_dir / "labels.bin", "wb") as labels_f:
+        def write(result) -> None:
+            ids, labels, lengths, report = result
+            ids_f.write(ids.tobytes())
+            labels_f.write(labels.tobytes())
+            lengths_parts.append(lengths)
+            for k in ("samples", "dropped_overlong", "truncated", "no_loss_tokens"):
+                totals[k] += int(report.get(k, 0))
+
+        all_chunks = itertools.chain(head, chunks)
+        if not pooled:
+            for chunk in all_chunks:
+                write(_tokenize_chunk(chunk, tokenizer, max_seq_len, overlong, source, options))
+        else:
+            # spawn, not fork: the parent may hold threads (tokenizers, torch) that fork would copy mid-state.
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                                     initargs=(tokenizer,)) as pool:
+                pending: deque = deque()
+                for chunk in all_chunks:
+                    pending.append(pool.submit(_pooled_chunk, chunk, max_seq_len, overlong, source, options))
+                    if len(pending) >= 2 * workers:
+                        write(pending.popleft().result())
+                while pending:
+                    write(pending.popleft().result())
+    lengths = np.concatenate(lengths_parts) if lengths_parts else np.empty(0, dtype=DTYPE)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    np.save(out_dir / "lengths.npy", lengths)
+    np.save(out_dir / "offsets.npy", offsets)
+    totals.update({k: int(v) for k, v in (extra_report() if extra_report else {}).items()})
+    report = {"source": source, **totals}
+    (out_dir / "meta.json").write_text(json.dumps({
+        "version": STORE_VERSION, "tokens": int(offsets[-1]), "samples": len(lengths), "dtype": DTYPE.str,
+        "workers": workers if pooled else 1, "report": report}))
+    return report
+
+
+def write_store(out_dir: str | Path, ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray,
+                report: dict | None = None) -> None:
+    """A store from arrays already tokenized (flat ids and labels, one length per sample)."""
+    out_dir = Path(out_dir)
+    lengths = np.asarray(lengths, dtype=DTYPE)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if len(ids) != offsets[-1] or len(labels) != offsets[-1]:
+        raise ValueError(f"{len(ids)} ids and {len(labels)} labels for lengths summing to {offsets[-1]}")
+    np.asarray(ids, dtype=DTYPE).tofile(out_dir / "ids.bin")
+    np.asarray(labels, dtype=DTYPE).tofile(out_dir / "labels.bin")
+    np.save(out_dir / "lengths.npy", lengths)
+    np.save(out_dir / "offsets.npy", offsets)
+    report = {"source": "", **{k: 0 for k in REPORT_KEYS}, "samples": len(lengths), **(report or {})}
+    (out_dir / "meta.json").write_text(json.dumps({
+        "version": STORE_VERSION, "tokens": int(offsets[-1]), "samples": len(lengths), "dtype": DTYPE.str,
+        "workers": 1, "report": report}))
+
+
+def _records(data_path: Path, on_error: str) -> tuple[Iterable[dict], Any]:
+    # The one place records come from a file: the catalog's validated loader (names file and line).
+    from labkit.catalog import load_jsonl
+
+    return load_jsonl(data_path, on_error=on_error)
+
+
+def load_tokenized(data_path: str | Path, tokenizer, tokenizer_dir: str | Path, max_seq_len: int,
+                   overlong: Literal["drop", "truncate"] = "drop", cache_dir: str | Path | None = None,
+                   on_error: Literal["raise", "skip"] = "raise", options: dict | None = None,
+                   workers: int | None = None) -> tuple[TokenStore, dict]:
+    """The token store of a chat JSONL file, built on first use (once per node) and mapped after.
+
+    `options` are labelling options passed to `tokenize_records` as keyword arguments (and part
+    of the cache key). The report holds `source`, `samples`, `dropped_overlong`, `truncated`,
+    `no_loss_tokens`, `skipped` (bad lines, with `on_error="skip"`) and `cached` (False only in
+    the process that built the store).
+    """
+    from labkit.tiny import home
+
+    data_path = Path(data_path)
+    cache_dir = Path(cache_dir) if cache_dir is not None else home() / "tokenized"
+    key = cache_key(data_path, tokenizer, tokenizer_dir, max_seq_len, overlong, on_error, options,
+                    memo_dir=cache_dir / ".digests")
+    entry = cache_dir / f"{data_path.stem}-{key}"
+
+    def build(tmp: Path) -> None:
+        records, load_report = _records(data_path, on_error)
+        build_store(tmp, records, tokenizer, max_seq_len, overlong, source=str(data_path), options=options,
+                    workers=workers, extra_report=lambda: {"skipped": load_report.skipped})
+
+    built = build_once(entry, build)
+    store = TokenStore(entry)
+    return store, {**store.report, "source": str(data_path), "cached": not built}
