@@ -65,7 +65,7 @@ class Shape:
             heads = int(cfg["num_attention_heads"])
             inter, vocab = int(cfg["intermediate_size"]), int(cfg["vocab_size"])
         except KeyError as e:
-            raise ValueError(f"config.json has no {e.args[0]!r}: not a decoder-only transformer labkit can size")
+            raise ValueError(f"config.json has no {e.args[0]!r}: not a decoder-only transformer labkit can size") from None
         kv = int(cfg.get("num_key_value_heads") or heads)
         return cls(hidden, layers, inter, vocab, heads, kv, int(cfg.get("head_dim") or hidden // heads),
                    bool(cfg.get("tie_word_embeddings", False)))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import math
 import os
 import random
@@ -341,7 +340,7 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         mp = sharding.mixed_precision_name(dtype)
         log(f"strategy={strategy} world_size={d.world} attention={impl} mixed_precision={mp} | model {model_dir} "
             f"({n_params / 1e6:.2f}M params, {rows}), loss={loss}, device={d.device}, "
-            f"activation_checkpointing={getattr(model, "is_activation_checkpointing", False)}")
+            f"activation_checkpointing={getattr(model, 'is_activation_checkpointing', False)}")
         if main:
             update_status(run_dir, strategy=strategy, attention=impl, mixed_precision=mp)
         model = shard_model(model, strategy, d, dtype)
