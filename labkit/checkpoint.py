@@ -139,7 +139,7 @@ def save_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(out))
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(out), no_dist=not torch.distributed.is_initialized())
     torch.save(_rng_state(), out / f"rng-rank{rank}.pt")
 
 
@@ -151,7 +151,7 @@ def load_resume_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
 
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(src))
+    dcp.load(state, checkpoint_id=str(src), no_dist=not torch.distributed.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = src / f"rng-rank{rank}.pt"
     _set_rng_state(torch.load(rng if rng.is_file() else src / "rng-rank0.pt", weights_only=False))

@@ -70,12 +70,22 @@ def load_model(cfg: RunConfig, model_dir: Path, d: sharding.Dist, strategy: str)
         raise ConfigError(f"model: {model_dir} is not a Hugging Face checkpoint directory (no config.json)")
     impl = attention.choose(cfg.attention, cfg.packing, d.device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if strategy == "fsdp" and d.world > 1 and not d.main:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir),
-                                                     attn_implementation=impl, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl, dtype=torch.float32)
+    def build(impl: str):
+        if strategy == "fsdp" and d.world > 1 and not d.main:
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir),
+                                                        attn_implementation=impl, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl, dtype=torch.float32)
+
+    try:
+        model = build(impl)
+    except ValueError as e:
+        # `attention: auto` on an architecture without an SDPA path (e.g. Gemma-2): its eager attention,
+        # which the start line and status.json then name.
+        if cfg.attention != "auto" or impl != "sdpa" or "does not support an attention implementation" not in str(e):
+            raise
+        impl = "eager"
+        model = build(impl)
     model.config.use_cache = False
     prepare_tokenizer_and_model(cfg, tokenizer, model)
     if cfg.loss_chunk_tokens and supports_chunked_loss(model) is None:
