@@ -34,10 +34,10 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from labkit import attention
+from labkit import attention, sharding
 from labkit.config import RunConfig
 from labkit.data.tokenize import IGNORE, TokenizedSample
-from labkit.train import Loop, make_accelerator, peak_memory_mb, plan_epoch
+from labkit.train import Concat, Loop, peak_memory_mb, plan_epoch
 
 PRESETS = {
     # Llama-3.2-1B / 3B shapes; the tiny one only keeps the dry run fast.
@@ -86,7 +86,7 @@ def labkit_config(args: argparse.Namespace, packing: bool, root: Path) -> RunCon
 def build_model(preset: str, impl: str, device: torch.device, seed: int) -> torch.nn.Module:
     """Random init from a config, the same weights for every system (same seed, same device).
 
-    fp32 weights as `labkit.train.load_model` loads them; on CUDA accelerate (labkit) and Trainer (TRL)
+    fp32 weights as `labkit.train.load_model` loads them; on CUDA labkit (labkit.sharding) and Trainer (TRL)
     run the forward under bf16 autocast, so both train bf16 compute with fp32 master weights."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -100,7 +100,7 @@ def build_model(preset: str, impl: str, device: torch.device, seed: int) -> torc
 
 
 def pick_device(args: argparse.Namespace) -> torch.device:
-    """The device every system trains on; labkit's accelerator decides the same (`distributed.cpu`)."""
+    """The device every system trains on; labkit.sharding.setup decides the same (`distributed.cpu`)."""
     return torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
 
 
@@ -175,7 +175,7 @@ class TimedLoop(Loop):
     def after_step(self, row: dict[str, Any], n_samples: int) -> None:
         # No progress bar, metrics file, checkpoint or early stop in a benchmark. The step's loss already
         # went to the host, which waits for the GPU; the explicit sync keeps the clock honest regardless.
-        sync(self.accel.device)
+        sync(self.d.device)
         self.ends.append(time.perf_counter())
         self.rows.append(row)
         self.done = self.step >= self.total_steps
@@ -183,25 +183,31 @@ class TimedLoop(Loop):
 
 def run_labkit(packing: bool, samples: list[TokenizedSample], args: argparse.Namespace, root: Path) -> dict:
     cfg = labkit_config(args, packing, root)
-    accel = make_accelerator(cfg)
-    impl = attention.choose(cfg.attention, cfg.packing, accel.device)
-    reset_peak_memory(accel.device)
-    model = build_model(args.preset, impl, accel.device, args.seed)
-    if cfg.distributed.activation_checkpointing:  # as labkit.train.load_model does
+    d = sharding.setup(cfg)  # one process: no process group, strategy single
+    dtype = sharding.compute_dtype(cfg, d.device)
+    impl = attention.choose(cfg.attention, cfg.packing, d.device)
+    reset_peak_memory(d.device)
+    model = build_model(args.preset, impl, d.device, args.seed)
+    if cfg.distributed.activation_checkpointing is True:  # as labkit.train.load_model does
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = sharding.wrap(model, "single", d, dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=d.device.type == "cuda")
     n_steps = args.warmup_steps + args.steps
     pos = {"step": 0, "samples": 0, "tokens": 0, "phase": 0, "epoch": 0, "step_in_epoch": 0}
-    loop = TimedLoop(cfg, accel, accel.prepare(model), SimpleNamespace(pad_token_id=PAD_ID), impl, None,
-                     cfg.run_dir, n_steps, pos, time.time(), None, lambda msg: None)
-    loop.run_phase(0, cfg.training_phases()[0], samples, n_steps, None)
+    loop = TimedLoop(cfg, d, "single", dtype, model, model, opt, SimpleNamespace(pad_token_id=PAD_ID), impl, None,
+                     n_steps, pos, None, None, SimpleNamespace(count=0), lambda msg: None)
+    loop.run_phase(0, cfg.training_phases()[0], Concat([samples]), n_steps, resumed=False)
     # labkit counts each step's tokens itself; they must be the planned steps every system trains on.
     steps = [[len(samples[i].input_ids) for i in step] for step in plan_steps(cfg, samples)]
     counted = np.diff([0] + [r["tokens"] for r in loop.rows]).tolist()
     if counted != [sum(s) for s in steps]:
         raise RuntimeError(f"labkit trained other steps than planned: {counted} tokens per step")
-    result = summarize(loop.ends, [r["loss"] for r in loop.rows], steps, loop.fed, model, accel.device, args)
+    result = summarize(loop.ends, [r["loss"] for r in loop.rows], steps, loop.fed, model, d.device, args)
     rows = "packed" if cfg.packing and attention.needs_cu_seqlens(impl) else "padded"  # as Loop.batch decides
-    accel.free_memory()
+    del loop, model, opt
+    if d.device.type == "cuda":
+        torch.cuda.empty_cache()
     return {"attention": impl, "rows": rows, **result}
 
 

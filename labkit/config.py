@@ -41,9 +41,10 @@ class Distributed(_Strict):
     machine_rank: int = Field(default=0, ge=0)
     main_process_ip: str | None = None
     main_process_port: int = Field(default=29500, ge=1, le=65535)
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # auto: single on one process; ddp on several when the memory plan fits a GPU, else fsdp (labkit.sharding).
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | Literal["auto"] = "auto"  # auto: on from ~3B parameters (labkit.memory)
     cpu: bool = False
     accelerate_config: str | None = None  # a file under templates/accelerate/ or any path
 
@@ -98,6 +99,12 @@ class RunConfig(_Strict):
     eval_tasks: list[str] = Field(default_factory=list)
     eval_limit: int | None = Field(default=None, ge=1)
     resume: bool = False
+    # Checkpoints and final/ (labkit.checkpoint): export dtype; a stopped run (STOP file, SIGTERM, early
+    # stop) writes final/ only when asked; background evaluations' device (auto: cpu when the trainer
+    # uses every visible GPU, else the first GPU it does not use).
+    export_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    save_final_on_stop: bool = False
+    eval_device: str = "auto"
 
     distributed: Distributed = Field(default_factory=Distributed)
     early_stop: EarlyStop = Field(default_factory=EarlyStop)
@@ -169,6 +176,9 @@ class RunConfig(_Strict):
                 problems.append(f"datasets: {e}")
         if self.eval_every_samples and not self.eval_tasks:
             problems.append("eval_tasks: eval_every_samples is set but no eval_tasks are given")
+        from labkit import memory
+
+        problems += memory.check(self)
         return problems
 
     # -- YAML ----------------------------------------------------------------------------------

@@ -97,16 +97,18 @@ def resolve_target(target: str | Path, run_dir: str | Path | None = None, step: 
                 run_dir = target.parent
     else:
         final = target / "final"
+        # Only complete exports: a final/ without its marker (checkpoint.json, written last) is torn.
+        final_ok = (final / "config.json").is_file() and (final / "checkpoint.json").is_file()
         steps = [p for p in runfiles.checkpoints(target) if (p / "config.json").is_file()]
         if step is not None:
             by_step = {_step_of(p): p for p in steps}
-            if (final / "config.json").is_file():
+            if final_ok:
                 by_step.setdefault(runfiles.read_json(final / "checkpoint.json").get("step", -1), final)
             if step not in by_step:
                 raise EvalError(f"{target}: no checkpoint of step {step}; it has steps "
                                 f"{sorted(k for k in by_step if k >= 0) or 'none'}")
             ckpt = by_step[step]
-        elif (final / "config.json").is_file():
+        elif final_ok:
             ckpt = final
         elif steps:
             ckpt = steps[-1]

@@ -71,42 +71,52 @@ def launch_command(cfg: RunConfig, config_path: str | Path, port: int | None = N
                    cuda: bool | None = None) -> list[str]:
     """`python -m accelerate.commands.launch ... -m labkit.train CONFIG` for this config.
 
-    `num_processes` is the total over all machines, as in accelerate. `machine_rank` and `main_ip`
-    may be shell expressions (`$SLURM_PROCID`) for the scripts `write_multinode` writes.
+    accelerate only starts the processes (torchrun underneath, one per GPU or N on CPU); the trainer
+    sets up the process group and shards the model itself from `distributed.strategy` (labkit.sharding),
+    so `fsdp` runs FSDP2 on CPU/gloo exactly as on GPUs/NCCL, with the blocks of any architecture.
+    `num_processes` is the total over all machines, as in accelerate. `machine_rank` and `main_ip` may be
+    shell expressions (`$SLURM_PROCID`) for the scripts `write_multinode` writes. A single-node run
+    rendezvous on 127.0.0.1 (other machines connect only to multi-node runs, at main_process_ip).
     """
     d = cfg.distributed
     cuda = _has_cuda() if cuda is None else cuda
     cpu = d.cpu or not cuda
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    # accelerate's `--cpu` starts a single process whatever `--num_processes` says; several CPU
-    # processes need its torchrun path (`--multi_gpu`), which picks gloo when no GPU is visible.
-    cpu_flag = "--multi_gpu" if d.num_processes > 1 else "--cpu"
     if d.accelerate_config:
-        # The file chooses the backend; flags below only set sizes and addresses (they win over the file).
-        cmd += ["--config_file", str(accelerate_config(d.accelerate_config))]
-        if cpu:
-            cmd.append(cpu_flag)
-    elif cpu:
-        cmd.append(cpu_flag)
-    elif d.strategy == "fsdp":
-        # As templates/accelerate/fsdp.yaml: FSDP2, fully sharded, one unit per decoder layer.
-        cmd += ["--use_fsdp", "--fsdp_version", "2", "--fsdp_reshard_after_forward", "true",
-                "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-                "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
-                "--fsdp_state_dict_type", "SHARDED_STATE_DICT"]
-    elif d.num_processes > 1:
+        path = accelerate_config(d.accelerate_config)
+        kind = _accelerate_distributed_type(path)
+        if kind not in (None, "NO", "MULTI_GPU", "MULTI_CPU"):
+            raise ConfigError(f"distributed.accelerate_config: {path} asks accelerate for {kind}, but labkit shards "
+                              "the model itself: use a MULTI_GPU/MULTI_CPU file and set distributed.strategy")
+        # The file sets what accelerate needs to start processes; the flags below win over it.
+        cmd += ["--config_file", str(path)]
+    # accelerate's `--cpu` starts a single process whatever `--num_processes` says; several processes need
+    # its torchrun path (`--multi_gpu`), which the trainer turns into gloo when it has no GPU.
+    if d.num_processes > 1:
         cmd.append("--multi_gpu")
+    elif cpu:
+        cmd.append("--cpu")
     cmd += ["--num_processes", str(d.num_processes), "--num_machines", str(d.num_machines)]
-    if cpu:
-        cmd += ["--mixed_precision", "no"]
-    elif d.mixed_precision != "auto":
-        cmd += ["--mixed_precision", d.mixed_precision]
+    # The trainer applies mixed precision itself (labkit.sharding); accelerate's flag is informational.
+    cmd += ["--mixed_precision", "no" if cpu else (d.mixed_precision if d.mixed_precision != "auto" else "bf16")]
     cmd += ["--dynamo_backend", "no"]
     if d.num_machines > 1:
         cmd += ["--machine_rank", str(d.machine_rank if machine_rank is None else machine_rank),
                 "--main_process_ip", str(main_ip or d.main_process_ip)]
+    else:
+        cmd += ["--main_process_ip", "127.0.0.1"]
     cmd += ["--main_process_port", str(port or d.main_process_port), "-m", "labkit.train", str(config_path)]
     return cmd
+
+
+def _accelerate_distributed_type(path: Path) -> str | None:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return str(data.get("distributed_type")) if isinstance(data, dict) and data.get("distributed_type") else None
 
 
 def _child_env(cpu: bool = False) -> dict[str, str]:

@@ -1,34 +1,39 @@
-"""The SFT trainer: `accelerate launch -m labkit.train RUN_DIR/config.yaml`.
+"""The SFT trainer: `accelerate launch -m labkit.train RUN_DIR/config.yaml` (or torchrun, or plain python).
 
-Reads top to bottom: load config, model and data; for each phase plan the epochs with
-multipack, then run optimizer steps. Each step's loss is the mean over all assistant tokens
-of the step across micro-batches and ranks: every micro-batch's summed token loss is divided
-by the step's global token count (times the world size, which DDP/FSDP gradient averaging
-divides out again), so accumulation and data parallelism give the gradient of one big batch.
+Reads top to bottom: join the process group, take the run directory, load config, model and data, shard
+the model (labkit.sharding), then for each phase plan each epoch with multipack and run optimizer steps.
+Each step's loss is the mean over all assistant tokens of the step across micro-batches and ranks: every
+micro-batch's summed token loss is divided by the step's global token count (times the world size, which
+DDP/FSDP gradient averaging divides out again), so accumulation and data parallelism give the gradient of
+one big batch. One optimizer serves the whole run; a phase starts by clearing its state in place, and the
+learning rate of each step is set from the schedule (labkit.schedule) of the step within its phase.
+
+Failures: any rank's exception is printed with a `[rank k]` prefix, written to RUN_DIR/errors/rank-k.json
+and folded into status.json (`failed_rank`, `error`) by rank 0, or by the failing rank itself when rank 0
+is gone. SIGTERM (preemption) stops all ranks at the next step boundary with a checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import fcntl
 import math
 import os
+import random
 import resource
-import shutil
+import signal
 import subprocess
 import sys
 import time
 import traceback
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from labkit import attention, runfiles
+from labkit import attention, checkpoint, runfiles, sharding
 from labkit.catalog import resolve
 from labkit.config import ConfigError, RunConfig, load_config
 from labkit.data import multipack
@@ -39,53 +44,139 @@ from labkit.runfiles import checkpoints
 from labkit.schedule import lr_factor, warmup_steps
 from labkit.tiny import resolve_model
 
-
-def make_accelerator(cfg: RunConfig) -> Accelerator:
-    cpu = cfg.distributed.cpu or not torch.cuda.is_available()
-    mp = cfg.distributed.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
-    # We step the scheduler once per optimizer step ourselves; accelerate would otherwise
-    # step it num_processes times.
-    return Accelerator(cpu=cpu, mixed_precision=mp, step_scheduler_with_optimizer=False)
+ERRORS = "errors"
+# Environment a background evaluation must not inherit: it would try to join the training process group.
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+            "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+DIST_ENV_PREFIXES = ("TORCHELASTIC_", "ACCELERATE_", "FSDP_", "PET_")
+EVAL_WAIT_S = 1800  # at the end, how long the trainer waits for background evaluations before leaving
 
 
-def load_model(cfg: RunConfig, model_dir: Path, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# -- model and data -------------------------------------------------------------------------------
+
+
+def prepare_tokenizer_and_model(cfg: RunConfig, tokenizer, model) -> None:
+    """Tokenizer and model adjustments before training (chat template, pad token): one place for them."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_model(cfg: RunConfig, model_dir: Path, d: sharding.Dist, strategy: str):
+    """(model as loaded, tokenizer, attention implementation). Under FSDP only rank 0 reads the weights:
+    the others build the model on the meta device and receive their shards in `shard_model`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"model: {model_dir} is not a Hugging Face checkpoint directory (no config.json)")
-    impl = attention.choose(cfg.attention, cfg.packing, device)
+    impl = attention.choose(cfg.attention, cfg.packing, d.device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl, dtype=torch.float32)
+    def build(impl: str):
+        if strategy == "fsdp" and d.world > 1 and not d.main:
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir),
+                                                        attn_implementation=impl, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl, dtype=torch.float32)
+
+    try:
+        model = build(impl)
+    except ValueError as e:
+        # `attention: auto` on an architecture without an SDPA path (e.g. Gemma-2): its eager attention,
+        # which the start line and status.json then name.
+        if cfg.attention != "auto" or impl != "sdpa" or "does not support an attention implementation" not in str(e):
+            raise
+        impl = "eager"
+        model = build(impl)
     model.config.use_cache = False
+    prepare_tokenizer_and_model(cfg, tokenizer, model)
     if cfg.loss_chunk_tokens and supports_chunked_loss(model) is None:
         chunked_loss(model, cfg.loss_chunk_tokens)
-    if cfg.distributed.activation_checkpointing:
+    from labkit.memory import wants_checkpointing
+
+    if wants_checkpointing(cfg.distributed.activation_checkpointing, model.num_parameters()):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer, impl
 
 
-def load_phase_data(cfg: RunConfig, datasets: list[str], tokenizer, model_dir: Path, log) -> list:
-    samples = []
+def shard_model(model, strategy: str, d: sharding.Dist, dtype):
+    """The model wrapped for `strategy`, with rank 0's weights on every rank."""
+    if strategy != "fsdp" or d.world == 1:
+        return sharding.wrap(model, strategy, d, dtype)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = model.state_dict() if d.main else {}
+    model = sharding.wrap(model, strategy, d, dtype)
+    if not d.main:
+        model.to_empty(device=d.device)
+    elif d.device.type != "cpu":
+        model.to(d.device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    sharding.broadcast_buffers_from_rank0(model, d)  # rotary tables are buffers, not in the state dict
+    del full
+    return model
+
+
+class Concat:
+    """Several datasets as one indexable phase (works for lists and token stores alike)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.lengths = np.concatenate([sample_lengths(p) for p in parts]) if parts else np.zeros(0, np.int64)
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int):
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[k][i - int(self.starts[k])]
+
+
+def sample_lengths(samples) -> np.ndarray:
+    """Token counts of a dataset: a token store's `lengths`, or measured from a list of samples."""
+    lengths = getattr(samples, "lengths", None)
+    if lengths is not None:
+        return np.asarray(lengths, dtype=np.int64)
+    return np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
+
+
+def load_phase_data(cfg: RunConfig, datasets: list[str], tokenizer, model_dir: Path, log) -> Concat:
+    parts = []
     for name in datasets:
         part, report = load_tokenized(
             resolve(name).path, tokenizer, model_dir, cfg.max_seq_len, overlong=cfg.overlong
         )
         log(f"data {name}: {report}")
-        samples.extend(part)
-    if not samples:
+        parts.append(part)
+    data = Concat(parts)
+    if not len(data):
         raise ConfigError(f"datasets: {datasets} hold no usable samples after tokenization")
-    return samples
+    return data
 
 
-def plan_epoch(cfg: RunConfig, lengths: list[int], world: int, epoch: int, packed_rows: bool = True) -> list:
-    # Micro-batches that will run as padded rows (packing off, or no varlen kernel) cost
-    # rows x longest, so they are planned for that; packed rows cost their real tokens.
-    planner = multipack.plan_epoch if cfg.packing and packed_rows else multipack.padded_plan_epoch
-    return planner(lengths, cfg.effective_batch_size, cfg.max_tokens_per_device, world, cfg.seed, epoch)
+def check_budget(cfg: RunConfig, lengths: np.ndarray, datasets: list[str]) -> None:
+    """Every sample must fit one micro-batch: said at start-up, not when its epoch comes."""
+    if lengths.size and lengths.max() > cfg.max_tokens_per_device:
+        i = int(np.argmax(lengths))
+        raise ConfigError(
+            f"max_tokens_per_device: sample {i} of {datasets} has {int(lengths[i])} tokens, more than "
+            f"max_tokens_per_device={cfg.max_tokens_per_device}: raise it to at least {int(lengths.max())}, "
+            "or lower max_seq_len (with overlong: drop or truncate)")
+
+
+def planner(cfg: RunConfig, packed_rows: bool):
+    # Micro-batches that run as padded rows (packing off, or no varlen kernel) cost rows x longest,
+    # so they are planned for that; packed rows cost their real tokens.
+    return multipack.plan_epoch if cfg.packing and packed_rows else multipack.padded_plan_epoch
+
+
+def plan_epoch(cfg: RunConfig, lengths, world: int, epoch: int, packed_rows: bool = True) -> list:
+    return planner(cfg, packed_rows)(lengths, cfg.effective_batch_size, cfg.max_tokens_per_device, world,
+                                     cfg.seed, epoch)
+
+
+def steps_per_epoch(n_samples: int, batch: int) -> int:
+    """Optimizer steps of one epoch: exactly `batch` samples each, the rest in a smaller last one."""
+    return math.ceil(n_samples / batch)
 
 
 def samples_in_steps(batch: int, phase_sizes: list[int], epochs: list[int], steps: int) -> int:
@@ -106,57 +197,122 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-# -- checkpoints -------------------------------------------------------------------------------
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
-def save_checkpoint(accel, model, tokenizer, run_dir: Path, state: dict[str, Any], keep: int | None,
-                    protect: frozenset[Path] = frozenset()) -> Path:
-    """Write model (safetensors) + full accelerate state to a temp dir, then rename it into place.
-
-    `keep` prunes all but the newest `keep` checkpoints, except those in `protect` (a background
-    evaluation is still reading them)."""
-    root = run_dir / "checkpoints"
-    final = root / f"step-{state['step']:08d}"
-    tmp = root / f".tmp-step-{state['step']:08d}"
-    if accel.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accel.wait_for_everyone()
-    accel.save_state(str(tmp / "accelerate"))
-    save_model(accel, model, tokenizer, tmp)
-    if accel.is_main_process:
-        (tmp / "checkpoint.json").write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        prune_checkpoints(run_dir, keep, protect)
-    accel.wait_for_everyone()
-    return final
+# -- the run directory ------------------------------------------------------------------------------
 
 
-def prune_checkpoints(run_dir: Path, keep: int | None, protect: frozenset[Path] = frozenset()) -> None:
-    if keep:
-        for old in checkpoints(run_dir)[:-keep]:
-            if old not in protect:
-                shutil.rmtree(old, ignore_errors=True)
+def update_status(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    """status.json read-modify-write under a lock: a failing rank may write it while rank 0 does."""
+    with (Path(run_dir) / ".status.lock").open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        return runfiles.update_status(run_dir, **fields)
 
 
-def save_model(accel, model, tokenizer, out: Path) -> None:
-    state_dict = accel.get_state_dict(model)
-    if accel.is_main_process:
-        accel.unwrap_model(model).save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+def ownership_problem(cfg: RunConfig, overwrite: bool) -> str | None:
+    """Why this trainer must not start here: a previous run's history is in the dir and neither `resume`
+    nor `overwrite` says what to do with it."""
+    run_dir = cfg.run_dir
+    has_history = (run_dir / runfiles.METRICS).is_file() and (run_dir / runfiles.METRICS).stat().st_size > 0
+    if cfg.resume or overwrite or not (has_history or checkpoints(run_dir)):
+        return None
+    state = runfiles.read_status(run_dir).get("state") or "previous"
+    return (f"{run_dir}: holds a {state} run's metrics and checkpoints; set resume: true to continue it, "
+            "or pass --overwrite (train(..., overwrite=True)) to start over")
+
+
+def clear_history(run_dir: Path) -> None:
+    """--overwrite: the old run's metrics, checkpoints, final/ and scores go (asked for explicitly)."""
+    for ckpt in checkpoints(run_dir):
+        checkpoint.remove(ckpt)
+    if (run_dir / "final").exists():
+        checkpoint.remove(run_dir / "final")
+    (run_dir / runfiles.METRICS).unlink(missing_ok=True)
+    for score in (run_dir / "evals").glob("*.json"):
+        score.unlink()
+
+
+def report_failure(d: sharding.Dist, run_dir: Path, exc: BaseException) -> dict[str, Any]:
+    """Print this rank's traceback with a `[rank k]` prefix and record it in RUN_DIR/errors/rank-k.json."""
+    tb = traceback.format_exc()
+    sys.stderr.write("".join(f"[rank {d.rank}] {line}\n" for line in tb.rstrip().splitlines()))
+    sys.stderr.flush()
+    record = {"rank": d.rank, "error": f"{type(exc).__name__}: {exc}", "traceback": tb, "time": time.time()}
+    errors = run_dir / ERRORS
+    try:
+        errors.mkdir(parents=True, exist_ok=True)
+        runfiles.write_json_atomic(errors / f"rank-{d.rank}.json", record)
+        if not d.main:
+            # Rank 0 may already be gone (torchrun kills the others when one fails): say it here too.
+            update_status(run_dir, state="failed", failed_rank=d.rank, error=f"rank {d.rank}: {record['error']}",
+                          ended_at=time.time())
+    except OSError:
+        pass
+    return record
+
+
+def first_failure(run_dir: Path, since: float) -> dict[str, Any] | None:
+    """The earliest error any rank recorded in this attempt: the cause (later ones are its echoes, e.g.
+    a collective failing because a peer died)."""
+    records = [runfiles.read_json(p) for p in (run_dir / ERRORS).glob("rank-*.json")]
+    records = [r for r in records if r.get("time", 0) >= since]
+    return min(records, key=lambda r: r["time"]) if records else None
+
+
+class StopSignals:
+    """SIGTERM (preemption) asks for a checkpoint at the next step boundary; later ones are only logged, so
+    a second SIGTERM never interrupts the checkpoint being written (the previous one stays resumable)."""
+
+    def __init__(self, rank: int):
+        self.rank, self.count = rank, 0
+        self._old = signal.getsignal(signal.SIGTERM)
+        self.installed = False
+        try:
+            signal.signal(signal.SIGTERM, self._on_term)
+            self.installed = True
+        except ValueError:  # not the main thread (a notebook thread): no preemption handling
+            pass
+
+    def _on_term(self, signum, frame) -> None:
+        self.count += 1
+        what = "checkpoint at the next step boundary, then stop" if self.count == 1 else \
+            "already stopping; the checkpoint being written (or the previous one) stays resumable"
+        print(f"[rank {self.rank}] SIGTERM received: {what}", file=sys.stderr, flush=True)
+
+    def restore(self) -> None:
+        if self.installed:
+            signal.signal(signal.SIGTERM, self._old)
 
 
 # -- the run -----------------------------------------------------------------------------------
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
-    """Train per `cfg`; returns the final status. Must run under `accelerate launch` for >1 process."""
+def train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
+    """Train per `cfg`; returns the final status. Several processes: start it under accelerate/torchrun."""
     run_dir = cfg.run_dir
-    accel = make_accelerator(cfg)
-    main = accel.is_main_process
-    world = accel.num_processes
-    started = time.time()
+    d = sharding.setup(cfg)
+
+    # One trainer per run dir; a refused trainer writes nothing there (the dir is another trainer's).
+    lock, refusal = checkpoint.RunLock(run_dir), None
+    if d.main:
+        try:
+            lock.acquire()
+            refusal = ownership_problem(cfg, overwrite)
+        except (checkpoint.RunBusy, OSError) as e:
+            refusal = str(e)
+    refusal = sharding.broadcast(d, refusal)
+    if refusal:
+        if d.main:
+            print(f"[labkit] error: {refusal}", file=sys.stderr, flush=True)
+            lock.release()
+        sharding.teardown(d)
+        return {"state": "refused", "error": refusal}
+
+    main, started = d.main, time.time()
 
     def log(msg: str) -> None:
         if main:
@@ -166,84 +322,123 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
     hf_logging.disable_progress_bar()  # one progress bar per run: ours
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if overwrite and not cfg.resume:
+            clear_history(run_dir)
+        for left in checkpoint.clean_leftovers(run_dir):
+            log(f"removed {left.name}, left incomplete by an earlier trainer")
         cfg.save(run_dir / "config.yaml")
         (run_dir / runfiles.STOP).unlink(missing_ok=True)
-        runfiles.update_status(run_dir, state="running", pid=os.getpid(), started_at=started,
-                               error=None, stop_reason=None, ended_at=None, world_size=world)
-    writer = None
+        for old in (run_dir / ERRORS).glob("rank-*.json"):
+            old.unlink()
+        update_status(run_dir, state="running", pid=os.getpid(), started_at=started, error=None,
+                      failed_rank=None, stop_reason=None, ended_at=None, world_size=d.world)
+    sharding.barrier(d)  # no rank records an error before the old ones are cleared
+    signals = StopSignals(d.rank)
+    writer, loop = None, None
     try:
+        strategy = sharding.choose_strategy(cfg, d.world)
+        dtype = sharding.compute_dtype(cfg, d.device)
         set_seed(cfg.seed)
-        model_dir = resolve_model(cfg.model)
-        model, tokenizer, impl = load_model(cfg, model_dir, accel.device)
+        with sharding.local_main_first(d):  # the tiny model is built once per node
+            model_dir = resolve_model(cfg.model)
+        model, tokenizer, impl = load_model(cfg, model_dir, d, strategy)
+        n_params = model.num_parameters()
         rows = "packed rows" if cfg.packing and attention.needs_cu_seqlens(impl) else "padded rows"
         why_not = supports_chunked_loss(model)
         loss = (f"chunked linear cross-entropy ({cfg.loss_chunk_tokens} tokens)" if cfg.loss_chunk_tokens and not why_not
                 else f"transformers' ({why_not or 'loss_chunk_tokens is null'})")
-        log(f"model {model_dir} ({model.num_parameters() / 1e6:.2f}M params), attention={impl} ({rows}), loss={loss}, "
-            f"processes={world}, device={accel.device}, mixed_precision={accel.mixed_precision}")
-        model = accel.prepare(model)
+        mp = sharding.mixed_precision_name(dtype)
+        log(f"strategy={strategy} world_size={d.world} attention={impl} mixed_precision={mp} | model {model_dir} "
+            f"({n_params / 1e6:.2f}M params, {rows}), loss={loss}, device={d.device}, "
+            f"activation_checkpointing={getattr(model, 'is_activation_checkpointing', False)}")
+        if main:
+            update_status(run_dir, strategy=strategy, attention=impl, mixed_precision=mp)
+        model = shard_model(model, strategy, d, dtype)
+        base = sharding.unwrap(model)
 
         phases = cfg.training_phases()
-        data = [load_phase_data(cfg, p.datasets, tokenizer, model_dir, log) for p in phases]
-        packed_rows = attention.needs_cu_seqlens(impl)
-        steps_per_epoch = [len(plan_epoch(cfg, [len(s.input_ids) for s in d], world, 0, packed_rows)) for d in data]
-        phase_steps = [n * p.epochs for n, p in zip(steps_per_epoch, phases)]
+        with sharding.local_main_first(d):  # tokenized once per node, the other ranks read the cache
+            data = [load_phase_data(cfg, p.datasets, tokenizer, model_dir, log) for p in phases]
+            val = load_phase_data(cfg, [cfg.val_dataset], tokenizer, model_dir, log) if cfg.val_dataset else None
+        for p, x in zip(phases, data):
+            check_budget(cfg, x.lengths, p.datasets)
+        phase_steps = [steps_per_epoch(len(x), cfg.effective_batch_size) * p.epochs for x, p in zip(data, phases)]
         total_steps = min(sum(phase_steps), cfg.max_steps or sum(phase_steps))
-        total_samples = samples_in_steps(cfg.effective_batch_size, [len(d) for d in data],
+        total_samples = samples_in_steps(cfg.effective_batch_size, [len(x) for x in data],
                                          [p.epochs for p in phases], total_steps)
-        val = load_phase_data(cfg, [cfg.val_dataset], tokenizer, model_dir, log) if cfg.val_dataset else None
+        packed_rows = attention.needs_cu_seqlens(impl)
+        val_plan = None
+        if val is not None:
+            check_budget(cfg, val.lengths, [cfg.val_dataset])
+            # The validation set as one step of the training planner: same budget, same rows.
+            val_plan = planner(cfg, packed_rows)(val.lengths, len(val), cfg.max_tokens_per_device, d.world,
+                                                 cfg.seed, 0)[0][d.rank]
 
-        resume = checkpoints(run_dir)[-1] if cfg.resume and checkpoints(run_dir) else None
-        pos = json.loads((resume / "checkpoint.json").read_text()) if resume else {
+        # One optimizer for the run (a phase clears its state in place); the LR is set per step.
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=d.device.type == "cuda")
+        ckpts = checkpoints(run_dir)
+        resume = ckpts[-1] if cfg.resume and ckpts else None
+        pos = checkpoint.read_position(resume) if resume else {
             "step": 0, "samples": 0, "tokens": 0, "phase": 0, "epoch": 0, "step_in_epoch": 0, "time": 0.0}
+        if resume:
+            checkpoint.load_resume_state(model, opt, resume / "resume", d.rank)
         if main:
-            writer = runfiles.MetricsWriter(run_dir, truncate_after_step=pos["step"] if resume else 0)
-            runfiles.update_status(run_dir, total_steps=total_steps, total_samples=total_samples,
-                                   step=pos["step"], samples=pos["samples"], attention=impl)
+            writer = runfiles.MetricsWriter(run_dir, truncate_after_step=pos["step"])
+            update_status(run_dir, total_steps=total_steps, total_samples=total_samples, step=pos["step"],
+                          samples=pos["samples"])
         log(f"{total_steps} optimizer steps over {len(phases)} phase(s); "
-            + (f"resuming from {resume.name}" if resume else "starting fresh"))
+            + (f"resuming from {resume.name} (model, optimizer and RNG state)" if resume else "starting fresh"))
 
-        loop = Loop(cfg, accel, model, tokenizer, impl, writer, run_dir, total_steps, pos, started, val, log)
+        loop = Loop(cfg, d, strategy, dtype, model, base, opt, tokenizer, impl, writer, total_steps, pos,
+                    val, val_plan, signals, log)
+        if main:
+            loop.evals.resume_pending()
         # In a log file (launched runs) a bar redraws as lines: redraw rarely there.
         loop.bar = tqdm(total=total_steps, initial=pos["step"], unit="step", disable=not main, dynamic_ncols=True,
                         mininterval=0.5 if sys.stderr.isatty() else 15)
         for p_idx, (phase, samples) in enumerate(zip(phases, data)):
             if p_idx < pos["phase"]:
                 continue
-            loop.run_phase(p_idx, phase, samples, phase_steps[p_idx], resume if p_idx == pos["phase"] else None)
+            loop.run_phase(p_idx, phase, samples, phase_steps[p_idx], resumed=resume is not None and p_idx == pos["phase"])
             if loop.done:
                 break
-        state, reason = "finished", loop.stop_reason
-        if loop.stopped:
-            state = "stopped"
-        if cfg.save_final and not (loop.stopped and not loop.save_on_stop):
-            save_model(accel, model, tokenizer, run_dir / "final")
-            if main:
-                (run_dir / "final" / "checkpoint.json").write_text(json.dumps(loop.position()))
+        state, reason = ("stopped" if loop.stopped else "finished"), loop.stop_reason
+        if cfg.save_final and (not loop.stopped or cfg.save_final_on_stop):
+            checkpoint.save_final(model, base, tokenizer, run_dir, loop.position(), d.rank, cfg.export_dtype)
         loop.bar.close()
-        loop.wait_evals()
-        final = {"state": state, "stop_reason": reason, "step": loop.step, "samples": loop.samples}
-    except Exception as e:  # noqa: BLE001 - any failure must end in a readable status
-        final = {"state": "failed", "error": f"{type(e).__name__}: {e}"}
-        if main:
-            traceback.print_exc()
+        pending = loop.evals.wait(EVAL_WAIT_S) if main else []
+        final = {"state": state, "stop_reason": reason, "step": loop.step, "samples": loop.samples,
+                 "pending_evals": pending}
+    except Exception as e:  # noqa: BLE001 - any failure on any rank must end in a readable status
+        record = report_failure(d, run_dir, e)
+        final = {"state": "failed", "error": record["error"], "failed_rank": d.rank}
     finally:
         if writer:
             writer.close()
+        signals.restore()
     if main:
-        final = runfiles.update_status(run_dir, ended_at=time.time(), **final)
-    accel.end_training()
+        if final["state"] == "failed":
+            first = first_failure(run_dir, started)
+            if first:
+                final.update(failed_rank=first["rank"], error=f"rank {first['rank']}: {first['error']}")
+        if loop is not None and final["state"] == "failed":
+            loop.evals.stop()
+        final = update_status(run_dir, ended_at=time.time(), **final)
+        lock.release()
+    sharding.teardown(d)
     return final
 
 
 class Loop:
     """Optimizer steps of one run, across phases; holds the position for checkpoints and logs."""
 
-    def __init__(self, cfg, accel, model, tokenizer, impl, writer, run_dir, total_steps, pos, started, val, log):
-        self.cfg, self.accel, self.model, self.tokenizer = cfg, accel, model, tokenizer
-        self.impl, self.writer, self.run_dir, self.total_steps = impl, writer, run_dir, total_steps
-        self.val, self.log = val, log
+    def __init__(self, cfg, d, strategy, dtype, model, base, opt, tokenizer, impl, writer, total_steps, pos,
+                 val, val_plan, signals, log):
+        self.cfg, self.d, self.strategy, self.dtype = cfg, d, strategy, dtype
+        self.model, self.base, self.opt, self.tokenizer = model, base, opt, tokenizer
+        self.impl, self.writer, self.run_dir, self.total_steps = impl, writer, cfg.run_dir, total_steps
+        self.val, self.val_plan, self.signals, self.log = val, val_plan, signals, log
         self.step, self.samples, self.tokens = pos["step"], pos["samples"], pos["tokens"]
         self.phase, self.epoch, self.step_in_epoch = pos["phase"], pos["epoch"], pos["step_in_epoch"]
         self.time_offset = pos.get("time", 0.0)
@@ -251,56 +446,46 @@ class Loop:
         self.done = self.stopped = False
         self.save_on_stop, self.stop_reason = True, None
         self.high_grad_steps = 0
-        self.evals: dict[Path, subprocess.Popen] = {}
+        self.evals = BackgroundEvals(cfg, d, log)
         self.bar: tqdm | None = None
         self.pad_id = tokenizer.pad_token_id
-        self.ddp = accel.distributed_type.name == "MULTI_GPU" or accel.distributed_type.name == "MULTI_CPU"
+        self.packed_rows = cfg.packing and attention.needs_cu_seqlens(impl)
 
     def position(self) -> dict[str, Any]:
         return {"step": self.step, "samples": self.samples, "tokens": self.tokens, "phase": self.phase,
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "time": self.time_offset + time.time() - self.t0}
 
-    def run_phase(self, p_idx: int, phase, samples: list, n_steps: int, resume: Path | None) -> None:
-        cfg, accel = self.cfg, self.accel
-        # A phase starts from the previous phase's weights with a fresh optimizer and schedule
-        # (as the paper's phased training does). accelerate keeps every prepared optimizer for
-        # save_state, so forget the previous phase's before preparing this one's.
-        accel._optimizers.clear()
-        accel._schedulers.clear()
-        opt = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-            fused=accel.device.type == "cuda",
-        )
-        warm = warmup_steps(cfg, n_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, n_steps, cfg.schedule, warm, cfg.min_lr_ratio)
-        )
-        opt, sched = accel.prepare(opt, sched)
-        if resume is not None:
-            accel.load_state(str(resume / "accelerate"))
-            self.log(f"resumed optimizer, scheduler and RNG state from {resume}")
-        else:
+    def run_phase(self, p_idx: int, phase, samples, n_steps: int, resumed: bool) -> None:
+        cfg, d = self.cfg, self.d
+        if not resumed:
+            # A phase starts from the previous phase's weights with a fresh optimizer and schedule, as the
+            # paper's phased training does: the Adam moments and step counts go, in place.
+            self.opt.state.clear()
             self.phase, self.epoch, self.step_in_epoch = p_idx, 0, 0
-        lengths = [len(s.input_ids) for s in samples]
+        lengths = samples.lengths
+        per_epoch = steps_per_epoch(len(samples), cfg.effective_batch_size)
         for epoch in range(self.epoch, phase.epochs):
             self.epoch = epoch
-            plan = plan_epoch(cfg, lengths, accel.num_processes, epoch + 1000 * p_idx,
-                              attention.needs_cu_seqlens(self.impl))
-            for i in range(self.step_in_epoch, len(plan)):
-                micro = [[samples[j] for j in mb] for mb in plan[i][accel.process_index]]
-                n_samples = sum(len(mb) for r in plan[i] for mb in r)
-                eff = multipack.packing_efficiency(plan[i], lengths, cfg.max_tokens_per_device)
-                self.step_in_epoch = i + 1  # the position a checkpoint taken after this step resumes from
-                self.optimizer_step(opt, sched, micro, n_samples, eff, epoch + (i + 1) / len(plan), p_idx)
-                if self.done:
-                    return
+            if self.step_in_epoch < per_epoch:
+                plan = plan_epoch(cfg, lengths, d.world, epoch + 1000 * p_idx, attention.needs_cu_seqlens(self.impl))
+                for i in range(self.step_in_epoch, len(plan)):
+                    if self.step >= self.total_steps:  # e.g. resumed from the checkpoint at max_steps
+                        self.done, self.stop_reason = True, self.stop_reason or "max_steps"
+                        return
+                    micro = [[samples[j] for j in mb] for mb in plan[i][d.rank]]
+                    n_samples = sum(len(mb) for r in plan[i] for mb in r)
+                    eff = multipack.packing_efficiency(plan[i], lengths, cfg.max_tokens_per_device)
+                    self.step_in_epoch = i + 1  # the position a checkpoint taken after this step resumes from
+                    self.optimizer_step(micro, n_samples, eff, epoch + (i + 1) / len(plan), p_idx,
+                                        epoch * per_epoch + i, n_steps)
+                    if self.done:
+                        return
             self.step_in_epoch = 0
         self.epoch = phase.epochs
 
     def batch(self, mb: list) -> dict[str, torch.Tensor]:
-        if self.cfg.packing and attention.needs_cu_seqlens(self.impl):
+        if self.packed_rows:
             b = collate_packed(mb, self.pad_id)
             cu = b["cu_seqlens"]
             kw = {"input_ids": b["input_ids"], "position_ids": b["position_ids"], "labels": b["labels"],
@@ -314,47 +499,47 @@ class Loop:
             kw = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"]}
         # Counted on the host before the copy: counting on the GPU would sync once per micro-batch.
         kw["n_loss_tokens"] = int((b["labels"][..., 1:] != -100).sum())
-        cuda = self.accel.device.type == "cuda"
-        return {k: (v.pin_memory() if cuda else v).to(self.accel.device, non_blocking=True)
+        kw["n_tokens"] = sum(len(s.input_ids) for s in mb)
+        cuda = self.d.device.type == "cuda"
+        return {k: (v.pin_memory() if cuda else v).to(self.d.device, non_blocking=True)
                 if torch.is_tensor(v) else v for k, v in kw.items()}
 
-    def optimizer_step(self, opt, sched, micro: list[list], n_samples: int, eff: float, epoch: float, p_idx):
-        accel, cfg, model = self.accel, self.cfg, self.model
+    def optimizer_step(self, micro: list[list], n_samples: int, eff: float, epoch: float, p_idx: int,
+                       step_in_phase: int, phase_steps: int) -> None:
+        cfg, d, model, opt = self.cfg, self.d, self.model, self.opt
         t = time.time()
+        lr = cfg.learning_rate * lr_factor(step_in_phase, phase_steps, cfg.schedule,
+                                           warmup_steps(cfg, phase_steps), cfg.min_lr_ratio)
+        for group in opt.param_groups:
+            group["lr"] = lr
         batches = [self.batch(mb) for mb in micro]
         # Global count of loss tokens in this step, known before any forward pass.
-        local = torch.tensor(
-            [float(sum(b.pop("n_loss_tokens") for b in batches)),
-             float(sum(len(s.input_ids) for mb in micro for s in mb))], device=accel.device)
-        totals = accel.reduce(local, reduction="sum")
-        global_tokens = max(totals[0].item(), 1.0)
-        loss_sum = torch.zeros((), device=accel.device)
+        global_tokens, step_tokens = sharding.all_sum(
+            d, [sum(b.pop("n_loss_tokens") for b in batches), sum(b.pop("n_tokens") for b in batches)])
+        global_tokens = max(global_tokens, 1.0)
+        loss_sum = torch.zeros((), device=d.device)
         model.train()
         for k, b in enumerate(batches):
-            sync = k == len(batches) - 1 or not self.ddp
-            with nullcontext() if sync else accel.no_sync(model):
-                # HF's loss with num_items_in_batch is sum(token losses) / num_items_in_batch.
-                out = model(**b, num_items_in_batch=global_tokens / accel.num_processes)
-                accel.backward(out.loss)
-            loss_sum += out.loss.detach() * global_tokens / accel.num_processes
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm else float("inf")
-        grad_norm = accel.clip_grad_norm_(model.parameters(), max_norm)
-        lr = sched.get_last_lr()[0]
+            with sharding.no_sync(model, self.strategy, last=k == len(batches) - 1):
+                with sharding.autocast(self.strategy, d, self.dtype):
+                    # HF's loss with num_items_in_batch is sum(token losses) / num_items_in_batch.
+                    out = model(**b, num_items_in_batch=global_tokens / d.world)
+                out.loss.backward()
+            loss_sum += out.loss.detach().float() * (global_tokens / d.world)
+        grad_norm = sharding.grad_norm(model, cfg.max_grad_norm)
         opt.step()
-        sched.step()
         opt.zero_grad(set_to_none=True)
 
-        loss = accel.reduce(loss_sum, reduction="sum").item() / global_tokens
-        grad_norm = float(grad_norm)
+        loss = sharding.all_sum(d, [loss_sum.item()])[0] / global_tokens
         self.step += 1
         self.samples += n_samples
-        self.tokens += int(totals[1].item())
+        self.tokens += int(step_tokens)
         dt = time.time() - t
         row = {
             "step": self.step, "phase": p_idx, "epoch": round(epoch, 6), "samples": self.samples,
             "tokens": self.tokens, "loss_tokens": int(global_tokens), "loss": loss, "grad_norm": grad_norm,
-            "lr": lr, "tokens_per_s": totals[1].item() / dt, "samples_per_s": n_samples / dt, "step_time": dt,
-            "packing_efficiency": eff, "peak_mem_mb": peak_memory_mb(accel.device),
+            "lr": lr, "tokens_per_s": step_tokens / dt, "samples_per_s": n_samples / dt, "step_time": dt,
+            "packing_efficiency": eff, "peak_mem_mb": peak_memory_mb(d.device),
             "time": self.time_offset + time.time() - self.t0, "ts": time.time(),
         }
         self.after_step(row, n_samples)
@@ -364,32 +549,35 @@ class Loop:
         return bool(every) and self.samples // every > (self.samples - n_samples) // every
 
     def after_step(self, row: dict[str, Any], n_samples: int) -> None:
-        cfg, accel = self.cfg, self.accel
-        if self.val and self.crossed(cfg.val_every_samples, n_samples):
+        cfg, d = self.cfg, self.d
+        if self.val_plan is not None and self.crossed(cfg.val_every_samples, n_samples):
             row["val_loss"] = self.validation_loss()
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{row['loss']:.3f}", gnorm=f"{row['grad_norm']:.2f}", refresh=False)
         if self.writer:
             self.writer.write(row)
-            runfiles.update_status(self.run_dir, step=self.step, samples=self.samples, loss=row["loss"])
+            update_status(self.run_dir, step=self.step, samples=self.samples, loss=row["loss"])
+        if d.main:
+            self.evals.poll()
         reason = self.stop_request(row)
         if reason:
             self.done = self.stopped = True
             self.stop_reason, self.save_on_stop = reason
-        elif cfg.max_steps and self.step >= cfg.max_steps:
-            self.done, self.stop_reason = True, "max_steps"
+        elif self.step >= self.total_steps:
+            self.done, self.stop_reason = True, "max_steps" if cfg.max_steps else None
         wants_eval = bool(cfg.eval_tasks) and self.crossed(cfg.eval_every_samples, n_samples)
         if self.crossed(cfg.save_every_samples, n_samples) or wants_eval or (self.stopped and self.save_on_stop):
-            ckpt = save_checkpoint(accel, self.model, self.tokenizer, self.run_dir, self.position(),
-                                   cfg.keep_checkpoints, self.in_eval())
-            if wants_eval and accel.is_main_process:
-                self.start_eval(ckpt)
+            ckpt = checkpoint.save(self.model, self.base, self.opt, self.tokenizer, self.run_dir, self.position(),
+                                   d.rank, cfg.export_dtype, cfg.keep_checkpoints, self.evals.busy())
+            if wants_eval and d.main:
+                self.evals.start(ckpt)
 
     def stop_request(self, row: dict[str, Any]) -> tuple[str, bool] | None:
-        """(reason, save a checkpoint?) when the run must stop; decided on rank 0, shared with all."""
-        cfg, accel = self.cfg, self.accel
+        """(reason, save a checkpoint?) when the run must stop: rules and STOP file decided on rank 0, SIGTERM
+        on any rank; one collective per step shares both."""
+        cfg, d = self.cfg, self.d
         reason = None
-        if accel.is_main_process:
+        if d.main:
             es = cfg.early_stop
             if es.stop_on_nan and not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
                 reason = ("loss or grad norm is not finite", False)
@@ -403,73 +591,117 @@ class Loop:
             stop_file = self.run_dir / runfiles.STOP
             if reason is None and stop_file.exists():
                 reason = (f"STOP file: {stop_file.read_text().strip() or 'stop requested'}", True)
-            if reason:
-                self._reason = reason
-                accel.set_trigger()
-        return self._shared_reason() if accel.check_trigger() else None
-
-    def _shared_reason(self) -> tuple[str, bool]:
-        from accelerate.utils import broadcast_object_list
-
-        obj = [getattr(self, "_reason", None)]
-        broadcast_object_list(obj, from_process=0)
-        return obj[0]
+        by_rule, by_signal = sharding.all_max(d, [1.0 if reason else 0.0, float(self.signals.count > 0)])
+        if by_rule:
+            return tuple(sharding.broadcast(d, reason))
+        if by_signal:
+            return ("SIGTERM: preempted, checkpoint saved", True)
+        return None
 
     def validation_loss(self) -> float:
-        accel, world = self.accel, self.accel.num_processes
-        mine = self.val[accel.process_index::world]
-        budget = self.cfg.max_tokens_per_device
-        sums = torch.zeros(2, device=accel.device)
+        d = self.d
+        sums = torch.zeros(2, dtype=torch.float64, device=d.device)
         self.model.eval()
-        chunks = _chunks(mine, budget)
-        # Every rank must run the same number of forwards (DDP/FSDP collectives): pad with empty
-        # micro-batches, which collate to a dummy row without loss tokens.
-        most = torch.tensor(len(chunks), device=accel.device)
-        if world > 1:
-            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-        chunks += [[] for _ in range(int(most) - len(chunks))]
+        # Every rank runs the same number of micro-batches (the planner deals them so), as FSDP needs.
         with torch.no_grad():
-            for mb in chunks:
-                b = self.batch(mb)
+            for mb in self.val_plan:
+                b = self.batch([self.val[j] for j in mb])
                 n = float(b.pop("n_loss_tokens"))
-                out = self.model(**b, num_items_in_batch=max(n, 1.0))
-                sums += torch.stack([out.loss.detach() * n, torch.tensor(n, device=accel.device)])
+                b.pop("n_tokens")
+                with sharding.autocast(self.strategy, d, self.dtype):
+                    out = self.model(**b, num_items_in_batch=max(n, 1.0))
+                sums += torch.tensor([out.loss.item() * n, n], dtype=torch.float64, device=d.device)
         # Sum of token losses over sum of tokens across ranks: exact, no division by world size.
-        sums = accel.reduce(sums, reduction="sum")
-        return (sums[0] / sums[1].clamp(min=1)).item()
+        total, n = sharding.all_sum(d, sums.tolist())
+        return total / max(n, 1.0)
 
-    def start_eval(self, ckpt: Path) -> None:
-        cmd = [sys.executable, "-m", "labkit.evaluate", str(ckpt), "--tasks", ",".join(self.cfg.eval_tasks),
-               "--run-dir", str(self.run_dir)]
-        if self.cfg.eval_limit:
-            cmd += ["--limit", str(self.cfg.eval_limit)]
-        log = (self.run_dir / "evals.log").open("a")
-        proc = self.evals[ckpt] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        self.log(f"evaluating {ckpt.name} in the background (pid {proc.pid})")
 
-    def in_eval(self) -> frozenset[Path]:
-        return frozenset(c for c, p in self.evals.items() if p.poll() is None)
+# -- background evaluations ---------------------------------------------------------------------------
 
-    def wait_evals(self) -> None:
-        for p in self.evals.values():
-            p.wait()
-        if self.evals:
+
+def eval_env() -> dict[str, str]:
+    """The trainer's environment without its distributed variables: an evaluation is its own process."""
+    return {k: v for k, v in os.environ.items() if k not in DIST_ENV and not k.startswith(DIST_ENV_PREFIXES)}
+
+
+def eval_device(cfg: RunConfig, d: sharding.Dist) -> str:
+    """`eval_device: auto`: the first GPU the trainer does not use, else the CPU (never a training GPU)."""
+    if cfg.eval_device != "auto":
+        return cfg.eval_device
+    if d.device.type != "cuda":
+        return "cpu"
+    free = torch.cuda.device_count() - d.local_world
+    return f"cuda:{d.local_world}" if free > 0 else "cpu"
+
+
+class BackgroundEvals:
+    """Evaluations of checkpoints in separate processes (rank 0 only), recorded as pending in
+    RUN_DIR/evals/pending/ until they end, so evaluations lost with a killed trainer re-run on resume."""
+
+    def __init__(self, cfg: RunConfig, d: sharding.Dist, log):
+        self.cfg, self.d, self.log = cfg, d, log
+        self.pending_dir = cfg.run_dir / "evals" / "pending"
+        self.procs: dict[Path, subprocess.Popen] = {}
+
+    def start(self, ckpt: Path) -> None:
+        cfg = self.cfg
+        device = eval_device(cfg, self.d)
+        cmd = [sys.executable, "-m", "labkit.evaluate", str(ckpt), "--tasks", ",".join(cfg.eval_tasks),
+               "--run-dir", str(cfg.run_dir), "--device", device]
+        if cfg.eval_limit:
+            cmd += ["--limit", str(cfg.eval_limit)]
+        self.pending_dir.mkdir(parents=True, exist_ok=True)
+        runfiles.write_json_atomic(self.pending_dir / ckpt.name, {"checkpoint": str(ckpt), "command": cmd,
+                                                                  "started_at": time.time()})
+        with (cfg.run_dir / "evals.log").open("a") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=eval_env())
+        self.procs[ckpt] = proc
+        self.log(f"evaluating {ckpt.name} in the background on {device} (pid {proc.pid})")
+
+    def poll(self) -> None:
+        for ckpt, proc in list(self.procs.items()):
+            rc = proc.poll()
+            if rc is not None:
+                if rc:
+                    self.log(f"evaluation of {ckpt.name} failed (exit {rc}); see evals.log")
+                (self.pending_dir / ckpt.name).unlink(missing_ok=True)
+                del self.procs[ckpt]
+
+    def busy(self) -> frozenset[Path]:
+        """Checkpoints an evaluation still needs (running or pending): pruning leaves them."""
+        self.poll()
+        names = {p.name for p in self.pending_dir.glob("step-*")} if self.pending_dir.is_dir() else set()
+        return frozenset(self.procs) | {self.cfg.run_dir / "checkpoints" / n for n in names}
+
+    def resume_pending(self) -> None:
+        """Re-run the evaluations a killed trainer left unfinished (their checkpoint still complete)."""
+        if not self.pending_dir.is_dir():
+            return
+        for marker in sorted(self.pending_dir.glob("step-*")):
+            ckpt = self.cfg.run_dir / "checkpoints" / marker.name
+            marker.unlink()
+            if checkpoint.is_complete(ckpt):
+                self.start(ckpt)
+
+    def wait(self, timeout: float) -> list[str]:
+        """Wait for running evaluations (at most `timeout` s); returns those still pending (re-run on resume)."""
+        deadline = time.time() + timeout
+        while self.procs and time.time() < deadline:
+            self.poll()
+            time.sleep(0.2)
+        left = sorted(c.name for c in self.procs)
+        self.stop()
+        if not left:
             # Checkpoints kept only for their evaluation can go now.
-            prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+            checkpoint.prune(self.cfg.run_dir, self.cfg.keep_checkpoints)
+        return left
 
-
-def _chunks(samples: list, budget: int) -> list[list]:
-    out, cur, used = [], [], 0
-    for s in samples:
-        n = len(s.input_ids)
-        if cur and used + n > budget:
-            out.append(cur)
-            cur, used = [], 0
-        cur.append(s)
-        used += n
-    if cur:
-        out.append(cur)
-    return out
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        self.procs.clear()  # their pending markers stay: the next resume re-runs them
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -477,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config", help="run config YAML (usually RUN_DIR/config.yaml)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field (dotted keys, YAML values)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start over in a run dir that holds an earlier run (its metrics and checkpoints go)")
     args = ap.parse_args(argv)
     import yaml
 
@@ -489,7 +723,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    final = train(cfg)
+    final = train(cfg, overwrite=args.overwrite)
+    if final.get("state") == "refused":
+        return 2
     return 0 if final.get("state") in ("finished", "stopped") else 1
 
 
