@@ -614,21 +614,21 @@ class Store:
             self.sync()
         elif not self.db.exists():
             raise StoreError(f"{self.db}: no catalog yet; call Store.sync() first, or query with live=True")
-        try:
+        for attempt in range(2):
             with _locked(self.lock, False, self.lock_timeout):
-                con = self._connect(read_only=True)
-                con.close()
-        except _Unreadable:
-            self.sync()  # sets the broken file aside and rebuilds it, under the exclusive lock
-        with _locked(self.lock, False, self.lock_timeout):
-            try:
-                con = self._connect(read_only=True)
-            except _Unreadable as e:
-                raise StoreError(f"{self.db}: cannot read the catalog ({e}); query with live=True") from None
-            try:
-                yield con
-            finally:
-                con.close()
+                try:
+                    con = self._connect(read_only=True)
+                except _Unreadable as e:
+                    if attempt:
+                        raise StoreError(f"{self.db}: cannot read the catalog ({e}); query with live=True") from None
+                    con = None
+                if con is not None:
+                    try:
+                        yield con
+                    finally:
+                        con.close()
+                    return
+            self.sync()  # without the shared lock: sets the broken file aside and rebuilds it
 
     # -- live views --------------------------------------------------------------------------------
 

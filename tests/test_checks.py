@@ -206,3 +206,41 @@ def test_a_runs_root_where_mkdir_fails_is_refused_before_launch():
         os.mkdir("/proc/sys/labkit-runs")
     [problem] = problems_of(runs_root="/proc/sys/labkit-runs")
     assert problem == "runs_root: '/proc/sys/labkit-runs' cannot be created ('/proc/sys' is not writable)"
+
+
+# -- every entry point refuses before any process starts ---------------------------------------------
+
+
+def test_labkit_run_with_a_runs_root_under_a_file_prints_one_error_line(tmp_path, capsys):
+    from labkit import cli
+
+    (tmp_path / "f").write_text("")
+    path = RunConfig(datasets=["skills"], runs_root=str(tmp_path / "f" / "runs")).save(tmp_path / "c.yaml")
+    assert cli.main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "runs_root: cannot create" in err
+    assert not (tmp_path / "f" / "runs").exists()
+
+
+@pytest.mark.parametrize("name", ["lab.duckdb", "index.html", "lab.duckdb.lock"])
+def test_labkit_run_named_like_labkits_own_files_is_refused(tmp_path, capsys, name):
+    from labkit import cli
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    (root / name).write_text("labkit's own file")
+    path = RunConfig(datasets=["skills"], runs_root=str(root)).save(tmp_path / "c.yaml")
+    assert cli.main(["run", str(path), "--set", f"name={name}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"name: {name!r} is reserved" in err
+    assert (root / name).read_text() == "labkit's own file"
+
+
+def test_python_m_labkit_train_refuses_before_training(tmp_path, capsys):
+    from labkit import train
+
+    path = RunConfig(datasets=["skills"], attention="flash_attention_2", distributed={"cpu": True},
+                     runs_root=str(tmp_path)).save(tmp_path / "c.yaml")
+    assert train.main([str(path)]) == 2
+    assert "attention: 'flash_attention_2' needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
