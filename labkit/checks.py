@@ -116,20 +116,22 @@ def batch_fits_data(cfg: RunConfig) -> list[str]:
 
 
 def warmup_fits_training(cfg: RunConfig) -> list[str]:
-    """Warmup that never ends: each phase restarts the schedule, so each must outlast the warmup."""
+    """Warmup that never ends: each phase restarts the schedule, so each must outlast its warmup."""
     from labkit import schedule
 
     sizes = _sizes(cfg)
-    if sizes is None or not cfg.warmup_steps:
+    if sizes is None or not (cfg.warmup_steps or cfg.warmup_ratio):
         return []
+    sched = schedule.run_schedule(cfg, sizes)
+    field = "warmup_steps:" if cfg.warmup_steps else f"warmup_ratio: {cfg.warmup_ratio:g} gives"
     problems = []
-    for i, n in enumerate(schedule.phase_steps(cfg, sizes)):
-        if 0 < n <= cfg.warmup_steps:
+    for i, (n, warm) in enumerate(zip(sched.phase_steps, sched.warmup)):
+        if 0 < n <= warm:
             problems.append(
-                f"warmup_steps: {cfg.warmup_steps} warmup steps, but {_phase_name(cfg, i)} trains only {n} "
+                f"{field} {cfg.warmup_steps or warm} warmup steps, but {_phase_name(cfg, i)} trains only {n} "
                 f"optimizer step(s) ({sizes[i]} samples, effective_batch_size {cfg.effective_batch_size}"
                 + (f", max_steps {cfg.max_steps}" if cfg.max_steps else "")
-                + "): the LR would never reach its peak; lower warmup_steps or use warmup_ratio")
+                + "): the LR would never get past warmup; lower the warmup")
     return problems
 
 
@@ -171,7 +173,16 @@ def known_eval_tasks() -> frozenset[str]:
     return frozenset(_lm_eval_task_names(home())) | frozenset(evaluate.local_tasks())
 
 
+_TASK_NAMES: dict[Path, list[str]] = {}  # per process too: the configurator checks on every edit
+
+
 def _lm_eval_task_names(cache_home: Path) -> list[str]:
+    if cache_home not in _TASK_NAMES:
+        _TASK_NAMES[cache_home] = _read_or_build_task_index(cache_home)
+    return _TASK_NAMES[cache_home]
+
+
+def _read_or_build_task_index(cache_home: Path) -> list[str]:
     import lm_eval
 
     spec = importlib.util.find_spec("lm_eval.tasks")

@@ -93,6 +93,9 @@ def test_warmup_as_long_as_the_training_is_refused(tmp_path):
     # max_steps cuts the run shorter than the warmup
     [problem] = problems_of(effective_batch_size=100, warmup_steps=10, max_steps=8, runs_root=str(tmp_path))
     assert problem.startswith("warmup_steps: 10 warmup steps") and "only 8 optimizer step(s)" in problem
+    # a ratio that rounds to the whole (short) run
+    [problem] = problems_of(effective_batch_size=1000, warmup_ratio=0.75, runs_root=str(tmp_path))  # 2 steps
+    assert problem.startswith("warmup_ratio: 0.75 gives 2 warmup steps, but")
 
 
 # -- evaluation --------------------------------------------------------------------------------------
@@ -118,6 +121,8 @@ def test_the_lm_eval_task_index_is_read_from_its_cache(tmp_path):
     (tmp_path / f"lm-eval-tasks-{lm_eval.__version__}.json").write_text(
         json.dumps({"tasks_dir": cache["tasks_dir"], "names": ["only_this_one"]}))
     assert checks._lm_eval_task_names(tmp_path) == ["only_this_one"]
+    (tmp_path / f"lm-eval-tasks-{lm_eval.__version__}.json").unlink()
+    assert checks._lm_eval_task_names(tmp_path) == ["only_this_one"]  # and kept in memory
 
 
 # -- the machine --------------------------------------------------------------------------------------
