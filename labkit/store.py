@@ -418,9 +418,10 @@ class Store:
         aside = None
         with _locked(self.lock, True, self.lock_timeout), tempfile.TemporaryDirectory(prefix="labkit-sync-") as tmp:
             runs = self.run_dirs()
-            while True:
+            for attempt in range(2):
                 try:
-                    result = self._sync_once(runs, Path(tmp))
+                    # A fresh folder per attempt: chunks of a failed one must not be ingested.
+                    result = self._sync_once(runs, Path(tmp) / str(attempt))
                     break
                 except (duckdb.Error, _Unreadable) as e:
                     if aside is not None or not self._unreadable(e):
@@ -432,6 +433,7 @@ class Store:
         return result
 
     def _sync_once(self, runs: dict[str, Path], tmp: Path) -> dict[str, Any]:
+        tmp.mkdir()
         con = self._connect(read_only=False)
         try:
             if not self._verified:
