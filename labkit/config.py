@@ -7,15 +7,16 @@ where a field's meaning and bounds live.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from labkit import runfiles
+
 Schedule = Literal["constant", "cosine", "linear"]
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SAFE_NAME = runfiles.SAFE_NAME  # use .fullmatch
 
 
 class ConfigError(ValueError):
@@ -24,7 +25,8 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     # Unknown keys are almost always typos ("learning_rte"); refuse them loudly.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan pass `ge=0` bounds (inf >= 0) and then poison the optimizer: refuse them everywhere.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Phase(_Strict):
@@ -88,7 +90,7 @@ class RunConfig(_Strict):
     adam_beta2: float = Field(default=0.95, gt=0.0, lt=1.0)
     adam_eps: float = Field(default=1e-8, gt=0.0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
-    seed: int = 42
+    seed: int = Field(default=42, ge=0, le=2**32 - 1, description="numpy's seeds are 32-bit unsigned")
 
     save_every_samples: int | None = Field(default=None, ge=1)
     save_final: bool = True
@@ -113,11 +115,9 @@ class RunConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not SAFE_NAME.match(v) or ".." in v:
-            raise ValueError(
-                f"{v!r} is not a safe run name: use letters, digits, '.', '_' and '-' "
-                "(no '/', no '..', at most 128 characters, starting with a letter or digit)"
-            )
+        problem = runfiles.name_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     @model_validator(mode="after")
@@ -161,25 +161,35 @@ class RunConfig(_Strict):
         return out
 
     def check(self) -> list[str]:
-        """Problems that depend on the machine (files, catalog), one message each; [] when fine."""
-        from labkit import catalog
+        """Problems only the machine can show (files, catalog, libraries), one line each naming the
+        field; [] when the run can start. Every entry point calls this before any process starts.
 
-        problems = []
-        if self.model != "tiny":
-            mdir = Path(self.model).expanduser()
-            if not (mdir / "config.json").is_file():
-                problems.append(f"model: {self.model!r} is not a Hugging Face checkpoint directory (no config.json)")
-        for ds in self.all_datasets():
-            try:
-                catalog.resolve(ds)
-            except catalog.CatalogError as e:
-                problems.append(f"datasets: {e}")
-        if self.eval_every_samples and not self.eval_tasks:
-            problems.append("eval_tasks: eval_every_samples is set but no eval_tasks are given")
-        from labkit import memory
+        One small named check per line below (labkit.checks), so a new one is a one-line addition.
+        """
+        from labkit import checks, memory
 
-        problems += memory.check(self)
+        problems: list[str] = []
+        for check in (
+            checks.model_dir,
+            checks.datasets,
+            checks.val_dataset,
+            checks.batch_fits_data,
+            checks.warmup_fits_training,
+            checks.eval_tasks,
+            checks.attention_backend,
+            checks.runs_root,
+            memory.check,
+        ):
+            problems += check(self)
         return problems
+
+    def check_or_raise(self, source: str | Path | None = None) -> RunConfig:
+        """`check()`, raising one ConfigError listing every problem; returns self when fine."""
+        problems = self.check()
+        if problems:
+            where = f"{source}: " if source else ""
+            raise ConfigError("\n  - ".join([f"{where}run {self.name!r} cannot run here:", *problems]))
+        return self
 
     # -- YAML ----------------------------------------------------------------------------------
 
@@ -239,22 +249,46 @@ def from_dict(data: dict[str, Any], source: str | None = None) -> RunConfig:
         raise ConfigError(_format_errors(e, source)) from None
 
 
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml when present
+    """A safe loader that refuses a mapping with a repeated key: YAML lets the last one silently win."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` then overriding a key is the point of a merge, not a mistake
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base constructor reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key}: duplicate key (first at line {first}); the last one would silently "
+                    "win: keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, source: str | Path = "<config>") -> Any:
+    """YAML text as Python data, refusing duplicate keys; ConfigError names the file, line and key."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a safe loader
+    except yaml.constructor.ConstructorError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark else "?"
+        raise ConfigError(f"{source}:{line}: {e.problem}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None, check: bool = False) -> RunConfig:
     """Read a run config from YAML; `overrides` are dotted keys (as papermill parameters give them)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
-    try:
-        data = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = parse_yaml(path.read_text(), path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a run config must be a YAML mapping, got {type(data).__name__}")
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
     cfg = from_dict(data, source=str(path))
-    if check:
-        problems = cfg.check()
-        if problems:
-            raise ConfigError(f"{path}: " + "\n  - ".join(["config cannot run here:", *problems]))
-    return cfg
+    return cfg.check_or_raise(path) if check else cfg

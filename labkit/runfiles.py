@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,24 @@ STATUS = "status.json"
 METRICS = "metrics.jsonl"
 STOP = "STOP"
 FINAL_STATES = ("finished", "stopped", "failed")
+
+# Matched with fullmatch: `$` in re.match would also accept a name ending in a newline.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# What labkit itself keeps directly under a runs root (the store's catalog and its lock/WAL, the
+# report index, sweep and study folders): a run of that name would collide with them.
+RESERVED_NAMES = frozenset({"lab.duckdb", "lab.duckdb.wal", "lab.duckdb.lock", "index.html", "sweeps", "study"})
+RESERVED_PREFIXES = ("lab.duckdb.",)  # lab.duckdb.broken-TIME: a corrupt catalog kept aside
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name a run directory under a runs root, or None when it can."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name:
+        return (f"{name!r} is not a safe run name: use letters, digits, '.', '_' and '-' "
+                "(no '/', no '..', no whitespace, at most 128 characters, starting with a letter or digit)")
+    if name.lower() in RESERVED_NAMES or name.lower().startswith(RESERVED_PREFIXES):
+        return (f"{name!r} is reserved: labkit keeps its own files under that name in the runs root "
+                f"(reserved: {', '.join(sorted(RESERVED_NAMES))}, lab.duckdb.*)")
+    return None
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:

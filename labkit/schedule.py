@@ -1,12 +1,22 @@
 """Learning-rate schedules: constant, cosine and linear decay, each with optional linear warmup.
 
-One pure function, `lr_at`, serves the trainer (through a LambdaLR) and the notebooks'
-schedule previews, so a preview is exactly what the run will do.
+`run_schedule(cfg, phase_sizes)` is the LR of every optimizer step of a whole run, and the one
+place that decides it: the trainer's LambdaLR (`RunSchedule.factor`) and the notebooks' previews
+(`RunSchedule.lr`) both read it, so a preview is exactly what the run will do.
+
+How a run's steps are laid out:
+- a phase's epoch is ceil(samples / effective_batch_size) optimizer steps (the last one short);
+- each phase restarts the schedule (fresh optimizer, warmup again), as phased training does;
+- `max_steps` cuts the run: a phase it cuts decays over the steps it will actually run, so a
+  cosine run stopped by max_steps still ends at `min_lr_ratio`, and phases after the cut do not
+  run at all. Warmup (`warmup_ratio`) is likewise a fraction of the steps a phase runs.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -37,9 +47,95 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup: int, min_ratio
 
 
 def lr_at(step: int, total_steps: int, cfg: RunConfig) -> float:
+    """LR of one single-phase schedule of `total_steps`; a whole run's is `run_schedule(cfg).lr(step)`."""
     return cfg.learning_rate * lr_factor(
         step, total_steps, cfg.schedule, warmup_steps(cfg, total_steps), cfg.min_lr_ratio
     )
+
+
+def phase_sizes(cfg: RunConfig) -> list[int]:
+    """Samples of each training phase, from the catalog cards' counts (or a count of the file's lines).
+
+    The trainer knows the exact numbers only after tokenizing (overlong samples may be dropped);
+    it passes those to `run_schedule` instead.
+    """
+    from labkit import catalog
+
+    counts: dict[str, int] = {}
+    sizes = []
+    for phase in cfg.training_phases():
+        n = 0
+        for ds in phase.datasets:
+            if ds not in counts:
+                card = catalog.resolve(ds)
+                counts[ds] = card.samples if card.samples is not None else _count_lines(card.path)
+            n += counts[ds]
+        sizes.append(n)
+    return sizes
+
+
+def _count_lines(path) -> int:
+    with open(path, "rb") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def steps_per_epoch(samples: int, effective_batch_size: int) -> int:
+    return math.ceil(samples / effective_batch_size) if samples > 0 else 0
+
+
+def phase_steps(cfg: RunConfig, sizes: Sequence[int]) -> list[int]:
+    """Optimizer steps each phase runs (its schedule length), after `max_steps` cuts the run."""
+    left = cfg.max_steps if cfg.max_steps else math.inf
+    out = []
+    for phase, n in zip(cfg.training_phases(), sizes, strict=True):
+        steps = int(min(phase.epochs * steps_per_epoch(n, cfg.effective_batch_size), left))
+        out.append(steps)
+        left -= steps
+    return out
+
+
+@dataclass(frozen=True)
+class RunSchedule:
+    """The LR of every optimizer step of a run: one decaying schedule per phase, back to back."""
+
+    learning_rate: float
+    schedule: str
+    min_lr_ratio: float
+    phase_steps: tuple[int, ...]  # steps each phase runs
+    warmup: tuple[int, ...]  # warmup steps of each phase
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.phase_steps)
+
+    def factor(self, phase: int, step: int) -> float:
+        """Multiplier on the peak LR at 0-based `step` within `phase` (for a LambdaLR of that phase)."""
+        return lr_factor(step, self.phase_steps[phase], self.schedule, self.warmup[phase], self.min_lr_ratio)
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(phase, step within the phase) of the run's 0-based optimizer `step`."""
+        if not 0 <= step < self.total_steps:
+            raise IndexError(f"step {step} is outside the run's {self.total_steps} steps")
+        for phase, n in enumerate(self.phase_steps):
+            if step < n:
+                return phase, step
+            step -= n
+        raise AssertionError("unreachable")
+
+    def lr(self, step: int) -> float:
+        """LR of the run's 0-based optimizer `step` (the step the trainer logs as `step + 1`)."""
+        return self.learning_rate * self.factor(*self.locate(step))
+
+    def lrs(self) -> list[float]:
+        """LR of every step of the run, in order."""
+        return [self.learning_rate * self.factor(p, s) for p, n in enumerate(self.phase_steps) for s in range(n)]
+
+
+def run_schedule(cfg: RunConfig, sizes: Sequence[int] | None = None) -> RunSchedule:
+    """The run's whole LR schedule; `sizes` are samples per phase (default: from the catalog)."""
+    steps = phase_steps(cfg, phase_sizes(cfg) if sizes is None else sizes)
+    return RunSchedule(cfg.learning_rate, cfg.schedule, cfg.min_lr_ratio, tuple(steps),
+                       tuple(warmup_steps(cfg, n) for n in steps))
 
 
 def estimate_total_steps(cfg: RunConfig) -> int:
@@ -48,14 +144,4 @@ def estimate_total_steps(cfg: RunConfig) -> int:
     Each phase's epoch is ceil(samples / effective batch) steps; samples dropped as overlong
     at tokenization make the real number slightly smaller.
     """
-    from labkit import catalog
-
-    total = 0
-    for phase in cfg.training_phases():
-        n = 0
-        for ds in phase.datasets:
-            card = catalog.resolve(ds)
-            n += card.samples if card.samples is not None else sum(1 for _ in card.path.open())
-        total += phase.epochs * max(1, math.ceil(n / cfg.effective_batch_size))
-    return min(total, cfg.max_steps) if cfg.max_steps else total
-
+    return run_schedule(cfg).total_steps

@@ -5,7 +5,10 @@ Trainers only ever append plain files (docs/run-dir.md). This module reads them 
 * The catalog, `ROOT/lab.duckdb`. `Store.sync()` ingests run directories incrementally: per
   `metrics.jsonl` it remembers how many bytes it has read, reads only new complete lines (a torn
   last line is read on a later sync, once complete), and re-ingests a run from scratch when its file
-  shrank or was replaced (a resume truncates it). Newest row per (run, step) wins. Columnar tables
+  shrank, was replaced (a resume truncates it) or was edited in place (the file changed without
+  growing, or a fingerprint of sampled bytes of the part already read differs). Newest row per
+  (run, step) wins. A run whose status.json says running/pending but whose processes are gone is
+  stored as failed (`labkit.launch.Run.status`), and re-checked at every sync. Columnar tables
   answer queries over a million rows in tens of milliseconds, so every query method reads the
   catalog by default, after an incremental sync (`auto_sync=True`) that costs a few `stat` calls
   when nothing changed: results are as fresh as the files.
@@ -21,13 +24,20 @@ and each query opens it read-only for its duration under a shared lock on the sa
 of notebooks, sweeps and CLI calls may sync and query at once: they wait for each other briefly
 (up to `lock_timeout` seconds) instead of failing. A sync is one transaction: a crash leaves the
 catalog as it was. Trainers never touch the database, so a slow notebook can never stall training.
+
+The catalog is only a cache of the run files. A `lab.duckdb` that cannot be read (truncated, not a
+DuckDB file, a bad block) is moved aside to `lab.duckdb.broken-TIME` and rebuilt from the files,
+with one warning line on stderr. Each Store reads every table once, at its first sync, so a bad block
+is found there rather than in a later query (~0.1-0.2 s per million metric rows).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import re
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -44,10 +54,15 @@ import yaml
 from labkit import runfiles
 from labkit.config import ConfigError, from_dict
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 CONFIG = "config.yaml"
 EVALS = "evals"
-TAIL = 64  # bytes before the ingest offset kept to notice a file rewritten in place
+# A metrics file's fingerprint: its first 4 KiB and 32 windows of 64 bytes spread over what was read, the
+# last one ending where reading stopped. An edit that changes a line's length shifts the last window; a
+# same-length edit is caught by the size rule (_appended_to) unless the file also grew before the next sync
+# and the edit missed every window. Hashing all of it would cost a full read per sync of every live run.
+FP_HEAD, FP_WINDOW, FP_WINDOWS = 4096, 64, 32
+LIVE_STATES = ("running", "pending")
 DEFAULT_PROBE_STEPS = 100
 
 # metrics.jsonl fields (docs/run-dir.md) and their column types.
@@ -72,7 +87,7 @@ LOWER_IS_BETTER = re.compile(r"perplexity|ppl|bits_per|loss", re.I)
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS _meta (key VARCHAR, value VARCHAR);
 CREATE TABLE IF NOT EXISTS _files (path VARCHAR, run_id VARCHAR, kind VARCHAR, ino UBIGINT, size BIGINT,
-                                   mtime_ns BIGINT, done BIGINT, tail BLOB);
+                                   mtime_ns BIGINT, done BIGINT, fp BLOB);
 CREATE TABLE IF NOT EXISTS _run_meta (run_id VARCHAR, meta VARCHAR);
 CREATE TABLE IF NOT EXISTS metrics (run_id VARCHAR, {", ".join(f"{k} {t}" for k, t in METRIC_COLUMNS.items())});
 CREATE TABLE IF NOT EXISTS evals ({", ".join(f"{k} {t}" for k, t in EVAL_COLUMNS.items())});
@@ -95,6 +110,44 @@ class StoreError(RuntimeError):
     """The catalog cannot be opened or a query cannot run; the message says why."""
 
 
+class _Unreadable(Exception):
+    """The catalog file is broken (truncated, not DuckDB, a bad block): a cache to rebuild."""
+
+
+def _held_elsewhere(err: BaseException) -> bool:
+    return "Could not set lock" in str(err) or "Conflicting lock" in str(err)
+
+
+def _read_every_table(con: duckdb.DuckDBPyConnection) -> None:
+    """Read every row of every table, so DuckDB checks every block's checksum; raises on a bad one."""
+    for (name,) in con.execute("SELECT table_name FROM duckdb_tables() WHERE NOT temporary").fetchall():
+        con.execute(f"SELECT count(*), sum(hash({_q(name)})) FROM {_q(name)}").fetchall()
+
+
+def _fingerprint(fh: Any, n: int) -> bytes:
+    """Hash of windows spread over the first `n` bytes of the open file (its last window included)."""
+    h = hashlib.blake2b(digest_size=16)
+    if n <= 0:
+        return h.digest()
+    fh.seek(0)
+    h.update(fh.read(min(FP_HEAD, n)))
+    offsets = sorted({min(max(0, n * k // (FP_WINDOWS - 1) - FP_WINDOW // 2), max(0, n - FP_WINDOW))
+                      for k in range(FP_WINDOWS)})
+    for off in offsets:
+        fh.seek(off)
+        h.update(fh.read(min(FP_WINDOW, n - off)))
+    return h.digest()
+
+
+def _appended_to(fh: Any, st: Any, prev: _FileState) -> bool:
+    """Whether the file still holds the bytes read before, with only new bytes after them."""
+    if st.st_ino != prev.ino or st.st_size < prev.done:
+        return False  # replaced (a resume rewrites it) or shrank
+    if st.st_size == prev.size:
+        return False  # changed without growing: an edit, since a trainer only appends
+    return _fingerprint(fh, prev.done) == prev.fp
+
+
 @dataclass
 class _FileState:
     run_id: str
@@ -103,7 +156,7 @@ class _FileState:
     size: int
     mtime_ns: int
     done: int = 0
-    tail: bytes = b""
+    fp: bytes = b""  # _fingerprint of the first `done` bytes
 
 
 @dataclass
@@ -275,6 +328,7 @@ class Store:
         self.auto_sync = auto_sync
         self.lock_timeout = lock_timeout
         self._meta_cache: dict[Path, tuple[tuple, dict[str, Any]]] = {}
+        self._verified = False  # every table read once without error by this Store
 
     def __repr__(self) -> str:
         return f"Store(root={str(self.root)!r}, db={str(self.db)!r})"
@@ -298,34 +352,100 @@ class Store:
         if hit is None or hit[0] != key:
             hit = (key, read_run_meta(run_dir))
             self._meta_cache[run_dir] = hit
-        return hit[1]
+        meta = hit[1]
+        if meta["status"] in LIVE_STATES:
+            # status.json of a killed trainer says running forever: ask its processes (cheap signal-0 probes).
+            from labkit.launch import Run
+
+            live = Run(run_dir).status()
+            if live.get("state") != meta["status"]:
+                meta = {**meta, "status": live.get("state"), "error": live.get("error")}
+        return meta
 
     # -- catalog -----------------------------------------------------------------------------------
 
     def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """A connection to the catalog; StoreError when another program holds it, _Unreadable when broken."""
         try:
             return duckdb.connect(str(self.db), read_only=read_only)
-        except duckdb.IOException as e:
-            raise StoreError(
-                f"{self.db}: cannot open ({e}). labkit opens it only briefly behind {self.lock.name}; "
-                "another program (a DuckDB shell?) probably holds it open: close it, or use live=True."
-            ) from None
+        except duckdb.Error as e:
+            if _held_elsewhere(e):
+                raise StoreError(
+                    f"{self.db}: cannot open ({e}). labkit opens it only briefly behind {self.lock.name}; "
+                    "another program (a DuckDB shell?) probably holds it open: close it, or use live=True."
+                ) from None
+            raise _Unreadable(str(e)) from e
+
+    def _unreadable(self, err: BaseException) -> bool:
+        """Whether `err`, raised while using the catalog, comes from a broken file (not a bug or a lock)."""
+        if isinstance(err, _Unreadable):
+            return True
+        if not isinstance(err, duckdb.Error) or _held_elsewhere(err) or not self.db.exists():
+            return False
+        try:
+            con = duckdb.connect(str(self.db), read_only=True)
+        except duckdb.Error as e:
+            return not _held_elsewhere(e)
+        try:
+            _read_every_table(con)
+        except duckdb.Error:
+            return True
+        finally:
+            con.close()
+        return False
+
+    def _set_aside(self, err: BaseException) -> Path:
+        """Move the broken catalog (and its WAL) aside, keeping it for inspection; one warning line."""
+        aside = self.db.with_name(f"{self.db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = aside.with_name(f"{self.db.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        self.db.replace(aside)
+        wal = self.db.with_name(self.db.name + ".wal")
+        if wal.exists():
+            wal.replace(aside.with_name(aside.name + ".wal"))
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        print(f"labkit: warning: the run catalog {self.db} was unreadable ({why}); moved it to {aside.name} "
+              "and rebuilt it from the run files", file=sys.stderr, flush=True)
+        return aside
 
     def sync(self) -> dict[str, Any]:
         """Ingest new and changed run files into the catalog; returns what changed."""
         t0 = time.perf_counter()
         self.run_dirs()  # fails clearly on a missing root before any lock file is made
         self.db.parent.mkdir(parents=True, exist_ok=True)
+        aside = None
         with _locked(self.lock, True, self.lock_timeout), tempfile.TemporaryDirectory(prefix="labkit-sync-") as tmp:
             runs = self.run_dirs()
-            con = self._connect(read_only=False)
-            try:
-                known = self._prepare(con)
-                plan = self._plan(runs, known, Path(tmp))
-                result = self._apply(con, runs, plan)
-            finally:
-                con.close()
+            for attempt in range(2):
+                try:
+                    # A fresh folder per attempt: chunks of a failed one must not be ingested.
+                    result = self._sync_once(runs, Path(tmp) / str(attempt))
+                    break
+                except (duckdb.Error, _Unreadable) as e:
+                    if aside is not None or not self._unreadable(e):
+                        raise
+                    aside = self._set_aside(e)  # then rebuild from the files, once
         result["seconds"] = round(time.perf_counter() - t0, 4)
+        if aside is not None:
+            result["recovered"] = str(aside)
+        return result
+
+    def _sync_once(self, runs: dict[str, Path], tmp: Path) -> dict[str, Any]:
+        tmp.mkdir()
+        con = self._connect(read_only=False)
+        try:
+            if not self._verified:
+                _read_every_table(con)  # a bad block surfaces here, where it can be repaired
+            known = self._prepare(con)
+            states = dict(con.execute("SELECT run_id, json_extract_string(meta, '$.status') FROM _run_meta")
+                          .fetchall())
+            plan = self._plan(runs, known, tmp, states)
+            result = self._apply(con, runs, plan)
+        finally:
+            con.close()
+        self._verified = True
         return result
 
     @staticmethod
@@ -339,11 +459,16 @@ class Store:
                         "DROP TABLE _files; DROP TABLE _run_meta; DELETE FROM _meta;")
             con.execute(_SCHEMA)
             con.execute("INSERT INTO _meta VALUES ('schema', ?)", [SCHEMA_VERSION])
-        rows = con.execute("SELECT path, run_id, kind, ino, size, mtime_ns, done, tail FROM _files").fetchall()
-        return {path: _FileState(*rest, tail=bytes(tail or b"")) for path, *rest, tail in rows}
+        rows = con.execute("SELECT path, run_id, kind, ino, size, mtime_ns, done, fp FROM _files").fetchall()
+        return {path: _FileState(*rest, fp=bytes(fp or b"")) for path, *rest, fp in rows}
 
-    def _plan(self, runs: dict[str, Path], known: dict[str, _FileState], tmp: Path) -> _Plan:
-        """Compare the files with what was ingested; new metric lines are copied to `tmp`."""
+    def _plan(self, runs: dict[str, Path], known: dict[str, _FileState], tmp: Path,
+              states: dict[str, str | None] | None = None) -> _Plan:
+        """Compare the files with what was ingested; new metric lines are copied to `tmp`.
+
+        `states` are the stored run states: a run stored as running/pending is re-read when its
+        liveness changed (a dead trainer changes no file)."""
+        states = states or {}
         plan = _Plan(removed=sorted({s.run_id for s in known.values()} - set(runs)))
         known_runs = {s.run_id for s in known.values()}
         for run_id, d in runs.items():
@@ -370,7 +495,8 @@ class Store:
             changed = {k for k in now.keys() | before.keys()
                        if k not in now or k not in before or _stat_of(now[k]) != _stat_of(before[k])}
             kinds = {(now.get(k) or before[k]).kind for k in changed}
-            if kinds & {"config", "status"} or run_id not in known_runs:
+            if kinds & {"config", "status"} or run_id not in known_runs or (
+                    states.get(run_id) in LIVE_STATES and self._meta(d)["status"] != states[run_id]):
                 plan.meta_runs.append(run_id)
             if "eval" in kinds:
                 plan.eval_runs.append(run_id)
@@ -401,14 +527,14 @@ class Store:
                 con.execute("INSERT INTO _run_meta SELECT * FROM _meta_rows")
             if plan.files:
                 con.execute("DELETE FROM _files WHERE list_contains(?, path)", [list(plan.files)])
-                now = [(k, s.run_id, s.kind, s.ino, s.size, s.mtime_ns, s.done, s.tail)
+                now = [(k, s.run_id, s.kind, s.ino, s.size, s.mtime_ns, s.done, s.fp)
                        for k, s in plan.files.items() if s is not None]
                 if now:
                     con.register("_file_rows", pd.DataFrame(now, columns=[
-                        "path", "run_id", "kind", "ino", "size", "mtime_ns", "done", "tail"]))
+                        "path", "run_id", "kind", "ino", "size", "mtime_ns", "done", "fp"]))
                     con.execute("INSERT INTO _files SELECT * FROM _file_rows")
             has_runs = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'runs'").fetchone()[0]
-            if plan.files or plan.removed or not has_runs:
+            if plan.files or plan.removed or plan.meta_runs or not has_runs:
                 metas = [json.loads(m) for (m,) in con.execute("SELECT meta FROM _run_meta").fetchall()]
                 con.register("_run_meta_flat", _meta_frame(metas))
                 con.execute(f"CREATE OR REPLACE TABLE runs AS {_RUNS_SQL}")
@@ -430,24 +556,17 @@ class Store:
         key = (st.st_ino, st.st_size, st.st_mtime_ns)
         if prev is not None and (prev.ino, prev.size, prev.mtime_ns) == key:
             return prev, False
-        # Continue where we stopped unless the file was replaced (resume) or shrank.
-        start = prev.done if prev is not None and prev.ino == st.st_ino and st.st_size >= prev.done else 0
-        back = min(start, TAIL)
         with path.open("rb") as fh:
-            fh.seek(start - back)
-            data = fh.read()
-            if start and data[:back] != prev.tail:  # rewritten in place: start over
-                start, back = 0, 0
-                fh.seek(0)
-                data = fh.read()
-        cut = data.rfind(b"\n", back) + 1  # bytes up to the last complete line
-        if cut > back:
-            out.write_bytes(data[back:cut])
-        else:
-            cut = back
-        done = start + cut - back
-        tail = data[max(0, cut - TAIL):cut]
-        return _FileState(run_id, "metrics", *key, done=done, tail=tail), start == 0
+            # Continue where we stopped only when the file is the one read before, grown by appends.
+            start = prev.done if prev is not None and _appended_to(fh, st, prev) else 0
+            fh.seek(start)
+            data = fh.read(st.st_size - start)
+            cut = data.rfind(b"\n") + 1  # bytes up to the last complete line
+            if cut:
+                out.write_bytes(data[:cut])
+            done = start + cut
+            fp = _fingerprint(fh, done)
+        return _FileState(run_id, "metrics", *key, done=done, fp=fp), start == 0
 
     @staticmethod
     def _ingest_metrics(con: duckdb.DuckDBPyConnection, chunks: list[tuple[str, str]]) -> int:
@@ -497,12 +616,21 @@ class Store:
             self.sync()
         elif not self.db.exists():
             raise StoreError(f"{self.db}: no catalog yet; call Store.sync() first, or query with live=True")
-        with _locked(self.lock, False, self.lock_timeout):
-            con = self._connect(read_only=True)
-            try:
-                yield con
-            finally:
-                con.close()
+        for attempt in range(2):
+            with _locked(self.lock, False, self.lock_timeout):
+                try:
+                    con = self._connect(read_only=True)
+                except _Unreadable as e:
+                    if attempt:
+                        raise StoreError(f"{self.db}: cannot read the catalog ({e}); query with live=True") from None
+                    con = None
+                if con is not None:
+                    try:
+                        yield con
+                    finally:
+                        con.close()
+                    return
+            self.sync()  # without the shared lock: sets the broken file aside and rebuilds it
 
     # -- live views --------------------------------------------------------------------------------
 
