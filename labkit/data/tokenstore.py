@@ -1,4 +1,4 @@
-"""Tokenized datasets as flat memory-mapped arrays on disk, built once per node, mapped by every rank.
+"""Tokenized datasets as flat arrays on disk, built once per node, shared by every rank through the page cache.
 
 A store is one cache directory holding
 - `ids.bin`, `labels.bin`: every sample's token ids and labels back to back (int32, native order);
@@ -12,7 +12,7 @@ dataset (see `TokenStore.__getitem__` for why not slices of a map). Labels are s
 rather than a loss mask so any labelling strategy (not only "label = id or ignore") fits.
 
 The first process on a node builds the store under the entry's lock (`labkit.buildonce`); the
-others wait, then map it. Large inputs are tokenized by a process pool over record chunks
+others wait, then open it. Large inputs are tokenized by a process pool over record chunks
 (`LABKIT_TOKENIZE_WORKERS` caps the workers); chunks are written in input order, so the store is
 the same bytes whatever the number of workers.
 
