@@ -277,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "packing.json")
     args = ap.parse_args(argv)
     if args.quick:
-        args.samples, args.batch_sizes, args.budgets, args.ranks = 20_000, [128, 3840], [16384, 60000], [1, 8]
+        args.batch_sizes, args.budgets, args.ranks = [128, 3840], [16384, 60000], [1, 8]
+        args.samples = min(args.samples, 20_000)
 
     cells = []
     head = (f"{'median':>6} {'batch':>5} {'budget':>6} {'ranks':>5} | {'labkit':>7} {'max':>4} {'eff':>6} | "

@@ -1,4 +1,7 @@
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +155,12 @@ def test_instructlab_count_in_c_matches_the_python_reference():
         c = bench.instructlab_count(lens, ebs, budget, ranks, seed=2, use_c=True)
         py = bench.instructlab_count(lens, ebs, budget, ranks, seed=2, use_c=False)
         assert c == py
+
+
+def test_packing_bench_quick_grid_is_within_instructlab_on_every_cell(tmp_path):
+    out = tmp_path / "packing.json"
+    run = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "packing.py"), "--quick",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert result["all_ok"] and len(result["cells"]) == 16

@@ -193,3 +193,15 @@ def test_store_sent_to_another_process_reopens_and_reads_the_same_samples(tok, t
     write_jsonl(data, records())
     store, _ = load_tokenized(data, tok, tiny_dir, 256, cache_dir=tmp_path / "cache")
     assert as_lists(pickle.loads(pickle.dumps(store))) == as_lists(store)
+
+
+@pytest.mark.slow
+def test_memory_bench_runs_small_and_meets_its_targets(tmp_path):
+    out = tmp_path / "data_memory.json"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "data_memory.py"), "--samples", "3000", "--records",
+                          "60", "--ranks", "1", "2", "--workers", "1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert result["ok"] and [n["ranks"] for n in result["ranks_on_node"]] == [1, 2]
+    assert result["store"]["samples"] == 3000 and result["tokenize"][0]["samples"] == 60

@@ -85,10 +85,14 @@ class TokenStore:
         return len(self.lengths)
 
     def __getitem__(self, i: int) -> TokenizedSample:
-        # pread, not a slice of a memory map: the kernel maps page-cache folios whole (hundreds of
-        # KB on ext4/xfs), so touching 1% of the samples through a map put ~2 GB of the dataset in
-        # a rank's RSS (measured, bench/data_memory.py); a read copies just the sample, through the
-        # same shared page cache.
+        # pread, not a slice of a memory map: the kernel maps page-cache folios whole (large folios
+        # on ext4/xfs), so each sample touched through a map added ~0.28 MB to the rank's RSS
+        # (measured on Linux 6.18, ext4: ~2 GB for 1% of 825k samples); a read copies just the
+        # sample, through the same shared page cache.
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} of a store of {n}")
+        i = int(i) % n
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         return TokenizedSample(self._read("ids", a, b), self._read("labels", a, b))
 
