@@ -12,7 +12,8 @@ Two cases:
   process's figure before opening the store, and the time to open it. Targets: private memory
   per rank < 1 GB, open < 5 s.
 - `tokenize`: synthetic chat records through the tiny tokenizer into a store, 1 worker vs 2 (or
-  `--workers`): samples/s, to show the per-core speed and how the pool scales.
+  `--workers`): samples per wall second and per CPU second (this process and its pool workers),
+  the per-core speed that holds on a machine other jobs share.
 
     .venv/bin/python bench/data_memory.py           # full size: bench/results/data_memory.json
     .venv/bin/python bench/data_memory.py --quick   # 20,000 samples, 2,000 records, seconds
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -125,6 +127,12 @@ def ranks_on_node(store_dir: Path, ranks: int) -> dict:
             "max_open_seconds": max(r["open_seconds"] for r in per_rank)}
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the pool's workers, once joined)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def chat_records(n: int, seed: int) -> list[dict]:
     rng = np.random.default_rng(seed)
     words = ["river", "capital", "quill", "mere", "north", "silver", "run", "the", "of", "and", "sum", "is",
@@ -147,13 +155,14 @@ def tokenize_case(n: int, workers: list[int], seed: int) -> list[dict]:
     out = []
     for w in workers:
         with tempfile.TemporaryDirectory() as d:
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), cpu_seconds()
             report = build_store(d, records, tok, 4096, workers=w, pool_min_records=0 if w > 1 else 10**9)
-            s = time.perf_counter() - t
+            s, c = time.perf_counter() - t, cpu_seconds() - cpu
             used = json.loads(Path(d, "meta.json").read_text())["workers"]
-        out.append({"workers": used, "records": n, "samples": report["samples"], "seconds": s,
-                    "samples_per_second": n / s})
-        print(f"tokenize: {n} records, {used} worker(s): {s:.1f} s, {n / s:,.0f} samples/s", flush=True)
+        out.append({"workers": used, "records": n, "samples": report["samples"], "seconds": s, "cpu_seconds": c,
+                    "samples_per_second": n / s, "samples_per_cpu_second": n / c})
+        print(f"tokenize: {n} records, {used} worker(s): {s:.1f} s, {n / s:,.0f} samples/s, "
+              f"{n / c:,.0f} samples per CPU second", flush=True)
     return out
 
 
@@ -166,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dir", type=Path, default=None, help="where to build the store (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the built store")
+    ap.add_argument("--cases", nargs="+", choices=["store", "tokenize"], default=["store", "tokenize"])
     ap.add_argument("--quick", action="store_true", help="20,000 samples, 2,000 records")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "data_memory.json")
     ap.add_argument("--rank", nargs=4, metavar=("STORE", "RANK", "RANKS", "SYNC"), help=argparse.SUPPRESS)
@@ -176,27 +186,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.samples, args.records = 20_000, 2_000
 
-    base = args.dir or Path(tempfile.mkdtemp(prefix="labkit-bench-store-"))
-    entry = base / f"synthetic-{args.samples}-{args.seed}"
-    try:
-        built = synthetic_store(entry, args.samples, args.seed)
-        print(f"store: {built['samples']:,} samples, {built['tokens']:,} tokens, "
-              f"{built['bytes_on_disk'] / 2**30:.2f} GiB, built in {built['build_seconds']:.1f} s", flush=True)
-        nodes = []
-        for r in args.ranks:
-            node = ranks_on_node(entry, r)
-            nodes.append(node)
-            print(f"{r} rank(s): private memory per rank max {node['max_private_mb']:.1f} MB "
-                  f"(dirty {node['max_private_dirty_mb']:.1f} MB), open max {node['max_open_seconds']:.3f} s",
-                  flush=True)
-    finally:
-        if not args.keep:
-            import shutil
+    built, nodes, tokenize = None, [], []
+    if "store" in args.cases:
+        base = args.dir or Path(tempfile.mkdtemp(prefix="labkit-bench-store-"))
+        entry = base / f"synthetic-{args.samples}-{args.seed}"
+        try:
+            built = synthetic_store(entry, args.samples, args.seed)
+            print(f"store: {built['samples']:,} samples, {built['tokens']:,} tokens, "
+                  f"{built['bytes_on_disk'] / 2**30:.2f} GiB, built in {built['build_seconds']:.1f} s", flush=True)
+            for r in args.ranks:
+                node = ranks_on_node(entry, r)
+                nodes.append(node)
+                print(f"{r} rank(s): private memory per rank max {node['max_private_mb']:.1f} MB "
+                      f"(dirty {node['max_private_dirty_mb']:.1f} MB), open max {node['max_open_seconds']:.3f} s",
+                      flush=True)
+        finally:
+            if not args.keep:
+                import shutil
 
-            shutil.rmtree(entry, ignore_errors=True)
-            if args.dir is None:
-                shutil.rmtree(base, ignore_errors=True)
-    tokenize = tokenize_case(args.records, args.workers, args.seed)
+                shutil.rmtree(entry, ignore_errors=True)
+                if args.dir is None:
+                    shutil.rmtree(base, ignore_errors=True)
+    if "tokenize" in args.cases:
+        tokenize = tokenize_case(args.records, args.workers, args.seed)
     result = {
         "machine": platform.platform(), "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
         "store": built, "ranks_on_node": nodes, "tokenize": tokenize,
