@@ -14,7 +14,14 @@ from labkit import catalog
 from labkit.buildonce import MARKER
 from labkit.catalog import DataError
 from labkit.data.tokenize import tokenize_records
-from labkit.data.tokenstore import ConcatStore, TokenStore, build_store, cache_key, load_tokenized
+from labkit.data.tokenstore import (
+    ConcatStore,
+    StoreWriter,
+    TokenStore,
+    build_store,
+    cache_key,
+    load_tokenized,
+)
 
 QWEN_STYLE = (
     "{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
@@ -205,3 +212,25 @@ def test_memory_bench_runs_small_and_meets_its_targets(tmp_path):
     result = json.loads(out.read_text())
     assert result["ok"] and [n["ranks"] for n in result["ranks_on_node"]] == [1, 2]
     assert result["store"]["samples"] == 3000 and result["tokenize"][0]["samples"] == 60
+
+
+def private_bytes() -> int:
+    fields = dict(line.split()[:2] for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:])
+    return (int(fields["Private_Clean:"]) + int(fields["Private_Dirty:"])) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux smaps_rollup")
+def test_reading_samples_does_not_grow_private_memory_with_the_data_read(tmp_path):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(200, 1200, 6000).astype(np.int32)
+    ids = rng.integers(0, 32000, int(lengths.sum()), dtype=np.int32)  # ~28 MB of ids and labels
+    writer = StoreWriter(tmp_path)
+    writer.add(ids, ids, lengths)
+    writer.finish({"source": "synthetic"})
+    store = TokenStore(tmp_path)
+    picks = rng.permutation(len(store))[:1500]
+    before = private_bytes()
+    read = sum(int(store[int(i)].input_ids.nbytes) * 2 for i in picks)
+    grown = private_bytes() - before
+    assert read > 5 * 2**20 and grown < 2**20  # read 5+ MB of samples, kept under 1 MB of it
+    assert store[int(picks[0])].input_ids.tolist() == ids[int(store.offsets[picks[0]]):][:lengths[picks[0]]].tolist()
