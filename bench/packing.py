@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -47,13 +48,108 @@ def lengths(n: int, seed: int, median: float, sigma: float = 0.9, lo: int = 50, 
 
 
 # -- instructlab 0.6.1, counted ------------------------------------------------------------------
+# The walk below runs ~10 first-fit checks per group of one micro-batch per rank; in Python that is
+# minutes per 64-rank cell at 825k samples (instructlab itself compiles it with numba). The same
+# walk in C, compiled on first use when a C compiler is there, takes a second; the Python version is
+# the reference (tests check both give the same counts).
 
-def _first_fit_bins(sizes_desc: np.ndarray, capacity: int, bins: int) -> int:
+_C_SOURCE = r"""
+#include <stdlib.h>
+static int desc(const void *a, const void *b) {
+    long x = *(const long *)a, y = *(const long *)b;
+    return (x < y) - (x > y);
+}
+long first_fit_bins(const long *sizes, long m, long cap, long bins, long *room) {
+    long used = 0;
+    if (m == 0) return 0;
+    for (long j = 0; j < bins; j++) room[j] = cap;
+    for (long i = 0; i < m; i++) {
+        long j = 0;
+        while (j < bins && room[j] < sizes[i]) j++;
+        if (j == bins) return -1;
+        room[j] -= sizes[i];
+        if (j + 1 > used) used = j + 1;
+    }
+    return used;
+}
+static long sorted_fit(const long *run, long start, long m, long cap, long bins, long *buf, long *room) {
+    for (long i = 0; i < m; i++) buf[i] = run[start + i];
+    qsort(buf, m, sizeof(long), desc);
+    return first_fit_bins(buf, m, cap, bins, room);
+}
+long walk(const long *run, const long *cum, long len, long cap, long bins, long *samples_used) {
+    long *buf = malloc(sizeof(long) * (len + 1)), *room = malloc(sizeof(long) * bins);
+    long start = 0, before = 0, groups = 0;
+    for (;;) {
+        long target = before + cap * bins, a = start, b = len;
+        while (a < b) { long c = (a + b) / 2; if (cum[c] <= target) a = c + 1; else b = c; }
+        long lo = 1, hi = 1 + (a - start), rest = len - start;
+        while (hi - lo > 1) {
+            long mid = (lo + hi) / 2;
+            if (sorted_fit(run, start, mid < rest ? mid : rest, cap, bins, buf, room) > 0) lo = mid; else hi = mid;
+        }
+        if (sorted_fit(run, start, lo < rest ? lo : rest, cap, bins, buf, room) < bins) break;
+        start += lo;
+        before = cum[start - 1];
+        groups++;
+    }
+    free(buf);
+    free(room);
+    *samples_used = start;
+    return groups;
+}
+"""
+_c_lib = None
+
+
+def _compiled():
+    """The C walk as a ctypes library, or None without a C compiler."""
+    global _c_lib
+    if _c_lib is None:
+        import ctypes
+        import hashlib
+        import shutil
+        import subprocess
+        import tempfile
+
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            _c_lib = False
+            return None
+        so = Path(tempfile.gettempdir()) / f"labkit-ilab-walk-{hashlib.sha256(_C_SOURCE.encode()).hexdigest()[:12]}.so"
+        if not so.exists():
+            src = so.with_suffix(".c")
+            src.write_text(_C_SOURCE)
+            tmp = so.with_suffix(f".{os.getpid()}.tmp")
+            if subprocess.run([cc, "-O2", "-shared", "-fPIC", str(src), "-o", str(tmp)]).returncode:
+                _c_lib = False
+                return None
+            os.replace(tmp, so)
+        lib = ctypes.CDLL(str(so))
+        p = ctypes.POINTER(ctypes.c_long)
+        lib.walk.argtypes = [p, p, ctypes.c_long, ctypes.c_long, ctypes.c_long, p]
+        lib.walk.restype = ctypes.c_long
+        lib.first_fit_bins.argtypes = [p, ctypes.c_long, ctypes.c_long, ctypes.c_long, p]
+        lib.first_fit_bins.restype = ctypes.c_long
+        _c_lib = lib
+    return _c_lib or None
+
+
+def _ptr(a: np.ndarray):
+    import ctypes
+
+    return a.ctypes.data_as(ctypes.POINTER(ctypes.c_long))
+
+
+def _first_fit_bins(sizes_desc: np.ndarray, capacity: int, bins: int, use_c: bool = True) -> int:
     """Bins first-fit uses for sizes (longest first) in `bins` bins of `capacity`; -1 if they do not fit."""
     if not len(sizes_desc):
         return 0
     if bins == 1:
         return 1 if int(sizes_desc.sum()) <= capacity else -1
+    if use_c and (lib := _compiled()) is not None:
+        sizes = np.ascontiguousarray(sizes_desc, dtype=np.int64)
+        return int(lib.first_fit_bins(_ptr(sizes), len(sizes), capacity, bins, _ptr(np.empty(bins, np.int64))))
     room = np.full(bins, capacity, dtype=np.int64)
     used = 0
     for s in sizes_desc.tolist():
@@ -65,7 +161,39 @@ def _first_fit_bins(sizes_desc: np.ndarray, capacity: int, bins: int) -> int:
     return used
 
 
-def instructlab_count(lens: np.ndarray, ebs: int, budget: int, ranks: int, seed: int, epoch: int = 0) -> dict:
+def _walk_python(run: np.ndarray, cum: np.ndarray, capacity: int, ranks: int) -> tuple[int, int]:
+    start, before, groups = 0, 0, 0
+    while True:
+        lo, hi = 1, 1 + int(np.searchsorted(cum[start:], before + capacity * ranks, "right"))
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if _first_fit_bins(np.sort(run[start : start + mid])[::-1], capacity, ranks, use_c=False) > 0:
+                lo = mid
+            else:
+                hi = mid
+        if _first_fit_bins(np.sort(run[start : start + lo])[::-1], capacity, ranks, use_c=False) < ranks:
+            break  # a group that fills fewer bins than ranks ends the epoch
+        start += lo
+        before = int(cum[start - 1])
+        groups += 1
+    return groups, start
+
+
+def _walk(run: np.ndarray, cum: np.ndarray, capacity: int, ranks: int, use_c: bool = True) -> tuple[int, int]:
+    """instructlab's walk over the shuffled lengths: (groups, samples they hold)."""
+    lib = _compiled() if use_c else None
+    if lib is None:
+        return _walk_python(run, cum, capacity, ranks)
+    import ctypes
+
+    run, cum = np.ascontiguousarray(run, dtype=np.int64), np.ascontiguousarray(cum, dtype=np.int64)
+    used = ctypes.c_long(0)
+    groups = lib.walk(_ptr(run), _ptr(cum), len(run), capacity, ranks, ctypes.byref(used))
+    return int(groups), int(used.value)
+
+
+def instructlab_count(lens: np.ndarray, ebs: int, budget: int, ranks: int, seed: int, epoch: int = 0,
+                      use_c: bool = True) -> dict:
     mean, longest = float(lens.mean()), int(lens.max())
     accum, capacity = 0, budget + 1
     while capacity > budget:
@@ -80,21 +208,7 @@ def instructlab_count(lens: np.ndarray, ebs: int, budget: int, ranks: int, seed:
     order = np.random.default_rng(seed + epoch).permutation(len(lens))
     order = order[lens[order] <= capacity]
     run = lens[order]
-    cum = np.cumsum(run)
-    start, before, groups = 0, 0, 0
-    while True:
-        lo, hi = 1, 1 + int(np.searchsorted(cum[start:], before + capacity * ranks, "right"))
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if _first_fit_bins(np.sort(run[start : start + mid])[::-1], capacity, ranks) > 0:
-                lo = mid
-            else:
-                hi = mid
-        if _first_fit_bins(np.sort(run[start : start + lo])[::-1], capacity, ranks) < ranks:
-            break  # a group that fills fewer bins than ranks ends the epoch
-        start += lo
-        before = int(cum[start - 1])
-        groups += 1
+    groups, start = _walk(run, np.cumsum(run), capacity, ranks, use_c)
     return {"fallback": False, "grad_accum": accum, "capacity": capacity, "micro_batches_per_rank": groups,
             "samples_used": start, "micro_batches_per_step": accum,
             "micro_batches_per_effective_batch": groups * ebs / start if start else float("nan"),
@@ -109,7 +223,8 @@ def previous_per_rank(step_lens: np.ndarray, budget: int, ranks: int) -> int:
     return -(-_first_fit_bins(sizes, budget, len(sizes)) // ranks)
 
 
-def run_cell(lens: np.ndarray, ebs: int, budget: int, ranks: int, seed: int, previous: bool) -> dict:
+def run_cell(lens: np.ndarray, ebs: int, budget: int, ranks: int, seed: int, previous: bool,
+             use_c: bool = True) -> dict:
     t = time.perf_counter()
     plan = plan_epoch(lens, ebs, budget, ranks, seed, 0)
     plan_s = time.perf_counter() - t
@@ -120,7 +235,7 @@ def run_cell(lens: np.ndarray, ebs: int, budget: int, ranks: int, seed: int, pre
     tokens = np.array([sum(int(lens[i]) for r in s for mb in r for i in mb) for s in plan])
     bound = -(-tokens // (ranks * budget))
     t = time.perf_counter()
-    il = instructlab_count(lens, ebs, budget, ranks, seed)
+    il = instructlab_count(lens, ebs, budget, ranks, seed, use_c=use_c)
     il_s = time.perf_counter() - t
     # Over the full steps (exactly `ebs` samples each); the partial last step, like instructlab's
     # dropped tail, is left out of the comparison.
@@ -158,10 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--previous", action="store_true", help="also count labkit's previous planner (slow)")
     ap.add_argument("--quick", action="store_true", help="20,000 samples, a 2x2x2x2 grid")
+    ap.add_argument("--python", action="store_true", help="count instructlab's walk in Python, not C")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "packing.json")
     args = ap.parse_args(argv)
     if args.quick:
-        args.samples, args.batch_sizes, args.budgets, args.ranks = 20_000, [128, 3840], [16384, 60000], [1, 8]
+        args.batch_sizes, args.budgets, args.ranks = [128, 3840], [16384, 60000], [1, 8]
+        args.samples = min(args.samples, 20_000)
 
     cells = []
     head = (f"{'median':>6} {'batch':>5} {'budget':>6} {'ranks':>5} | {'labkit':>7} {'max':>4} {'eff':>6} | "
@@ -174,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             for budget in args.budgets:
                 for ranks in args.ranks:
                     c = {"median": median, "mean_length": float(lens.mean()),
-                         **run_cell(lens, ebs, budget, ranks, args.seed, args.previous)}
+                         **run_cell(lens, ebs, budget, ranks, args.seed, args.previous, not args.python)}
                     cells.append(c)
                     il = c["instructlab"]
                     prev = f"{c['previous_vs_instructlab']:>+7.1%}" if args.previous else f"{'':>7}"
@@ -185,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{il.get('packing_efficiency', float('nan')):>6.1%} | "
                           f"{c['labkit_vs_instructlab']:>+7.1%} {prev} | {c['labkit_plan_seconds']:>6.2f}",
                           flush=True)
-    result = {"samples": args.samples, "distribution": "lognormal sigma 0.9, clipped to [50, 4096]",
+    result = {"samples": args.samples, "instructlab_walk": "python" if args.python or _compiled() is None else "c", "distribution": "lognormal sigma 0.9, clipped to [50, 4096]",
               "seed": args.seed, "machine": platform.platform(), "python": platform.python_version(),
               "all_ok": all(c["ok"] for c in cells), "cells": cells}
     args.out.parent.mkdir(parents=True, exist_ok=True)

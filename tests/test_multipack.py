@@ -1,4 +1,7 @@
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +144,23 @@ def test_steps_in_epoch_is_the_plan_length_without_planning():
         assert steps_in_epoch(n, ebs) == len(plan_epoch([10] * n, ebs, 64, 2, 0, 0))
     with pytest.raises(ValueError, match="at least 1"):
         steps_in_epoch(10, 0)
+
+
+def test_instructlab_count_in_c_matches_the_python_reference():
+    bench = load_packing_bench()
+    if bench._compiled() is None:
+        pytest.skip("no C compiler: the bench counts in Python")
+    lens = bench.lengths(4000, seed=2, median=700)
+    for ebs, budget, ranks in ((512, 8192, 8), (128, 16384, 1), (1024, 4096, 16)):
+        c = bench.instructlab_count(lens, ebs, budget, ranks, seed=2, use_c=True)
+        py = bench.instructlab_count(lens, ebs, budget, ranks, seed=2, use_c=False)
+        assert c == py
+
+
+def test_packing_bench_quick_grid_is_within_instructlab_on_every_cell(tmp_path):
+    out = tmp_path / "packing.json"
+    run = subprocess.run([sys.executable, str(Path(__file__).parent.parent / "bench" / "packing.py"), "--quick",
+                          "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert result["all_ok"] and len(result["cells"]) == 16

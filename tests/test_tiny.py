@@ -1,4 +1,9 @@
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -64,3 +69,27 @@ def test_users_broken_catalog_card_does_not_touch_the_tiny_model(tiny_dir, tmp_p
     monkeypatch.setenv("LABKIT_CATALOG", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     assert tiny.ensure_tiny() == tiny_dir
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+go = Path(sys.argv[1])
+from labkit.tiny import ensure_tiny
+while not go.exists():
+    time.sleep(0.005)
+print(ensure_tiny())
+"""
+
+
+def test_two_processes_starting_on_a_fresh_home_share_one_tiny_build(tiny_dir, tmp_path):
+    # The 2-process start that used to fail with "OSError: Directory not empty: .tmp-tiny-... -> tiny-...".
+    env = {**os.environ, "LABKIT_HOME": str(tmp_path / "home"), "PYTHONPATH": str(Path(tiny.__file__).parent.parent)}
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path / "go")], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    time.sleep(0.5)
+    (tmp_path / "go").touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert outs[0][0].strip() == outs[1][0].strip() == str(tmp_path / "home" / tiny_dir.name)
+    assert sorted(p.name for p in (tmp_path / "home").iterdir() if not p.name.endswith(".lock")) == [tiny_dir.name]

@@ -115,3 +115,13 @@ def tokenize_records(records, tokenizer, max_seq_len: int, overlong: Literal["dr
             out.append(TokenizedSample(list(ids), labels))
     report["samples"] = len(out)
     return out, report
+
+
+def __getattr__(name: str):
+    # Transitional: `load_tokenized` moved to labkit.data.tokenstore (which imports this module, so
+    # it is re-exported lazily). Remove once nothing imports it from here.
+    if name == "load_tokenized":
+        from labkit.data.tokenstore import load_tokenized
+
+        return load_tokenized
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
