@@ -71,6 +71,15 @@ class RunConfig(_Strict):
     max_tokens_per_device: int = Field(default=4096, ge=16, description="token budget of one micro-batch")
     max_seq_len: int = Field(default=2048, ge=8)
     overlong: Literal["drop", "truncate"] = "drop"
+    # -- data: template, labels, bad records (labkit.data.templates / tokenize / formats) --
+    chat_template: str | None = Field(
+        default=None, description="built-in (chatml, llama3, granite) or a .jinja path; required for base models")
+    reasoning: Literal["keep", "drop", "template"] = Field(
+        default="keep", description="<think> blocks / reasoning_content: train them in every turn (keep), "
+        "remove them (drop), or as the chat template renders them (template)")
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    on_bad_record: Literal["raise", "skip"] = Field(
+        default="raise", description="a bad data record stops the run before launch (raise) or is skipped and counted")
     packing: bool = True
     attention: Literal["auto", "flash_attention_2", "varlen", "sdpa", "eager"] = "auto"
     loss_chunk_tokens: int | None = Field(
@@ -155,20 +164,36 @@ class RunConfig(_Strict):
 
     def check(self) -> list[str]:
         """Problems that depend on the machine (files, catalog), one message each; [] when fine."""
-        from labkit import catalog
-
         problems = []
         if self.model != "tiny":
             mdir = Path(self.model).expanduser()
             if not (mdir / "config.json").is_file():
                 problems.append(f"model: {self.model!r} is not a Hugging Face checkpoint directory (no config.json)")
-        for ds in self.all_datasets():
-            try:
-                catalog.resolve(ds)
-            except catalog.CatalogError as e:
-                problems.append(f"datasets: {e}")
+        problems += self._check_data()
         if self.eval_every_samples and not self.eval_tasks:
             problems.append("eval_tasks: eval_every_samples is set but no eval_tasks are given")
+        return problems
+
+    def _check_data(self) -> list[str]:
+        """Every dataset read through the converter (format errors name file and record), the template."""
+        from labkit import catalog
+        from labkit.data import formats, templates
+
+        problems = []
+        for ds in self.all_datasets():
+            try:
+                formats.check(ds, on_error=self.on_bad_record)
+            except catalog.CatalogError as e:
+                problems.append(f"datasets: {e}")
+        if self.chat_template:
+            try:
+                templates.resolve(self.chat_template)
+            except templates.ChatTemplateError as e:
+                problems.append(str(e))
+        elif self.model != "tiny" and (mdir := Path(self.model).expanduser()).is_dir() and \
+                not templates.has_chat_template(mdir):
+            problems.append(f"chat_template: {self.model!r} has no chat template (a base model): set chat_template "
+                            f"to one of {', '.join(templates.BUILTIN)} or a .jinja file")
         return problems
 
     # -- YAML ----------------------------------------------------------------------------------

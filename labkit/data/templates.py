@@ -72,6 +72,19 @@ def resolve(chat_template: str) -> tuple[str, tuple[str, ...], str | None]:
     return text, tuple(dict.fromkeys(_MARKER.findall(text))), None
 
 
+def has_chat_template(model_dir: Path) -> bool:
+    """Whether a checkpoint directory ships a chat template (read from its files, no tokenizer load)."""
+    import json
+
+    d = Path(model_dir)
+    if (d / "chat_template.jinja").is_file() or (d / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((d / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
 def prepare(tokenizer, chat_template: str) -> list[str]:
     """Set the template on the tokenizer; add the special tokens it writes; set eos/pad. Returns tokens added.
 
