@@ -239,7 +239,10 @@ def _field(obj: dict, name: str, required: bool = True) -> str:
         if required:
             raise RecordProblem(f"missing '{name}'")
         return ""
-    return _text(obj[name], name)
+    value = obj[name]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)  # CSV columns of numbers ("input": 4)
+    return _text(value, name)
 
 
 def convert(obj: Any, fmt: str, fields: dict[str, str] | None = None,
