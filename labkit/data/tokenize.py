@@ -312,7 +312,15 @@ def layout(messages: list[dict], tokenizer, reasoning: str = "keep", train_on: s
         for p in pieces:
             p[2] = True
         labelled_turns = sum(trained)
-    return Layout([(p[0], p[1], p[2]) for p in pieces if p[0]], labelled_turns, kept, dropped)
+    # Neighbouring text of the same label is one piece: the prompt is tokenized as inference tokenizes it
+    # (a header's newline with the user's text), and only reply starts and ends cut the text.
+    merged: list[tuple[str, bool, bool]] = []
+    for text_, control, lab in ((p[0], p[1], p[2]) for p in pieces if p[0]):
+        if merged and not control and not merged[-1][1] and merged[-1][2] == lab:
+            merged[-1] = (merged[-1][0] + text_, False, lab)
+        else:
+            merged.append((text_, control, lab))
+    return Layout(merged, labelled_turns, kept, dropped)
 
 
 def _text_pieces(s: str) -> list[list]:
@@ -347,10 +355,24 @@ def _labels(ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
     return np.where(inside, np.asarray(ids, dtype=np.int64), IGNORE).tolist()
 
 
+def _encode_text(texts: list[str], tokenizer) -> list[list[int]]:
+    """Ids of each text, special-token strings in it tokenized as text (split_special_tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_special_tokens"):
+        return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    # The Rust tokenizer directly: transformers' per-encoding conversion to dicts cost more than encoding.
+    old = backend.encode_special_tokens
+    backend.encode_special_tokens = True
+    try:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    finally:
+        backend.encode_special_tokens = old
+
+
 def _encode_layouts(layouts: list[Layout], tokenizer) -> list[tuple[list[int], list[int]]]:
     """Token ids and labels of each layout: text pieces in one batched call, controls by id."""
     texts = [p[0] for lay in layouts for p in lay.pieces if not p[1]]
-    enc = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
+    enc = _encode_text(texts, tokenizer) if texts else []
     control_ids: dict[str, int] = {}
     out, t = [], 0
     for lay in layouts:
