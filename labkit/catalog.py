@@ -163,8 +163,22 @@ def load_jsonl(
     """
     from labkit.data import formats
 
-    path = Path(path)
-    return formats.read(Card(name=path.stem, path=path), on_error=on_error)
+    return formats.read(card_for_path(Path(path)), on_error=on_error)
+
+
+def card_for_path(path: Path) -> Card:
+    """The catalog card of a data path (its format and field mapping), else the path with its format sniffed.
+
+    Callers that hold only `card.path` (the trainer's loader) still read the data as its card says.
+    """
+    try:
+        target = Path(path).resolve()
+        for card in cards().values():
+            if not str(card.path).startswith("hf:") and card.path.resolve() == target:
+                return card
+    except CatalogError:
+        pass  # a broken card elsewhere in the catalog does not stop a load by path
+    return resolve(str(path))
 
 
 def load(name_or_path: str, on_error: Literal["raise", "skip"] = "raise") -> list[dict[str, Any]]:

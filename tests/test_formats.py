@@ -148,3 +148,27 @@ def test_plain_text_trains_every_token_of_the_text(tiny):
     samples, _ = tokenize_records([formats.convert(ROWS["text"][0], "text")], tok, 256)
     trained = tok.decode([x for x in samples[0].labels if x != IGNORE])
     assert trained == "0 plus one is 1.<|end|>"
+
+
+@pytest.mark.slow
+def test_alpaca_parquet_card_trains_through_python_m_labkit_train(tmp_path, tiny_dir):
+    import os
+    import subprocess
+    import sys
+
+    from labkit.config import RunConfig
+
+    cat = tmp_path / "catalog"
+    cat.mkdir()
+    rows = [{"instruction": "Add one.", "input": str(i), "output": str(i + 1)} for i in range(16)]
+    write(cat / "qa.parquet", rows)
+    (cat / "qa.yaml").write_text("name: qa\npath: qa.parquet\nkind: skills\nformat: alpaca\n")
+    cfg = RunConfig(name="alpaca", runs_root=str(tmp_path / "runs"), model=str(tiny_dir), datasets=["qa"],
+                    max_steps=2, effective_batch_size=4, max_seq_len=128, max_tokens_per_device=512)
+    path = cfg.save(tmp_path / "config.yaml")
+    env = {**os.environ, "LABKIT_CATALOG": str(cat), "LABKIT_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-m", "labkit.train", str(path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status = json.loads((tmp_path / "runs" / "alpaca" / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == 2
