@@ -101,6 +101,8 @@ def test_reasoning_keep_trains_every_turns_reasoning_even_where_the_template_dro
     t = template_tok(tiny_dir, "reasoning")
     _, labels = tokenize_chat(THOUGHTFUL, t)  # keep is the default
     assert labelled_runs(t, labels) == [think("two and two", "Four."), think("three and three", "Six.")]
+    _, report = tokenize_records([{"messages": THOUGHTFUL}], t, 512)
+    assert (report["reasoning_kept"], report["reasoning_restored"]) == (2, 1)
 
 
 def test_reasoning_template_trains_reasoning_only_where_the_template_writes_it(tiny_dir):

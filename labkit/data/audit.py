@@ -42,6 +42,7 @@ class Audit:
     reasoning: str
     reasoning_kept: int
     reasoning_dropped: int
+    reasoning_restored: int = 0
     length_histogram: dict[str, int] = field(default_factory=dict)
     max_len: int = 0
 
@@ -77,7 +78,9 @@ class Audit:
             f"  no label {self.no_label}, dropped overlong {self.dropped_overlong}, truncated {self.truncated}, "
             f"bad records skipped {self.skipped}, rejected by template {self.rejected}",
             f"  labelled turns {self.labelled_turns}, ending in a labelled end-of-turn {self.turns_with_end}",
-            f"  reasoning {self.reasoning}: kept in {self.reasoning_kept} turns, dropped in {self.reasoning_dropped}",
+            f"  reasoning {self.reasoning}: kept in {self.reasoning_kept} turns, dropped in {self.reasoning_dropped}"
+            + (f" (the template drops reasoning from earlier turns: kept as written in {self.reasoning_restored})"
+               if self.reasoning_restored else ""),
             f"  length: max {self.max_len}; " + ", ".join(f"{k}: {v}" for k, v in self.length_histogram.items() if v),
         ]
         return "\n".join(lines)
@@ -123,6 +126,7 @@ def audit(dataset: str, model: str = "tiny", tokenizer=None, max_seq_len: int = 
         dropped_overlong=rep["dropped_overlong"], truncated=rep["truncated"], skipped=load.skipped,
         rejected=rep["rejected"], labelled_turns=rep["labelled_turns"], turns_with_end=rep["turns_with_end"],
         reasoning=reasoning, reasoning_kept=rep["reasoning_kept"], reasoning_dropped=rep["reasoning_dropped"],
+        reasoning_restored=rep["reasoning_restored"],
         length_histogram=histogram(lengths), max_len=max(lengths, default=0),
     ), samples
 

@@ -76,7 +76,7 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) ->
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError(
             "the tokenizer has no chat template (a base model?): set chat_template in the run config "
-            "(chatml, llama3, granite or a .jinja file)")
+            "(or --chat-template): chatml, llama3, granite or a .jinja file")
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except jinja2.TemplateError as e:
@@ -123,6 +123,8 @@ def _apply(transform: str, text: str) -> str:
 
 def analyse(tokenizer) -> Analysis:
     """Probe the tokenizer's chat template (cached per template and special-token set)."""
+    if not getattr(tokenizer, "chat_template", None):
+        _render(tokenizer, [])  # raises: no chat template, say how to set one
     specials = _special_tokens(tokenizer)
     key = (str(getattr(tokenizer, "chat_template", "")), tuple(specials), len(tokenizer))
     if key in _ANALYSES:
@@ -199,6 +201,7 @@ class Layout:
     labelled_turns: int
     reasoning_kept: int
     reasoning_dropped: int
+    reasoning_restored: int = 0  # kept although the template drops it (reasoning: keep, earlier turns)
 
 
 def layout(messages: list[dict], tokenizer, reasoning: str = "keep", train_on: str = "assistant",
@@ -242,7 +245,7 @@ def layout(messages: list[dict], tokenizer, reasoning: str = "keep", train_on: s
         pos = mt.end()
     if pos < len(text):
         segs.append((text[pos:], None))
-    kept = dropped = 0
+    kept = dropped = restored = 0
     for j, r in thoughts.items():
         if _ph("r", j) in seen:
             kept += 1
@@ -250,6 +253,7 @@ def layout(messages: list[dict], tokenizer, reasoning: str = "keep", train_on: s
             # The template dropped this turn's reasoning (earlier turns, usually): put it back as written.
             subst[_ph("c", j)] = f"{THINK_OPEN}\n{r}\n{THINK_CLOSE}\n\n" + subst[_ph("c", j)]
             kept += 1
+            restored += 1
         else:
             dropped += 1
     if reasoning == "drop":
@@ -320,7 +324,7 @@ def layout(messages: list[dict], tokenizer, reasoning: str = "keep", train_on: s
             merged[-1] = (merged[-1][0] + text_, False, lab)
         else:
             merged.append((text_, control, lab))
-    return Layout(merged, labelled_turns, kept, dropped)
+    return Layout(merged, labelled_turns, kept, dropped, restored)
 
 
 def _text_pieces(s: str) -> list[list]:
@@ -425,7 +429,7 @@ def tokenize_records(records, tokenizer, max_seq_len: int, overlong: Literal["dr
     report: dict[str, Any] = {
         "source": source, "samples": 0, "dropped_overlong": 0, "truncated": 0, "no_loss_tokens": 0,
         "rejected": 0, "strategy": STRATEGY, "reasoning": reasoning, "train_on": train_on,
-        "reasoning_kept": 0, "reasoning_dropped": 0, "labelled_turns": 0, "turns_with_end": 0,
+        "reasoning_kept": 0, "reasoning_dropped": 0, "reasoning_restored": 0, "labelled_turns": 0, "turns_with_end": 0,
         "end_of_turn": an.end_of_turn, "problems": []}
     end_id = tokenizer.convert_tokens_to_ids(an.end_of_turn) if an.end_of_turn else None
     records = list(records)
@@ -448,6 +452,7 @@ def tokenize_records(records, tokenizer, max_seq_len: int, overlong: Literal["dr
             if cut:
                 lay.pieces = _cut_pieces(lay.pieces, char_limit)
             report["reasoning_kept"] += lay.reasoning_kept
+            report["reasoning_restored"] += lay.reasoning_restored
             report["reasoning_dropped"] += lay.reasoning_dropped
             lays.append(lay)
         for lay, (ids, labels) in zip(lays, _encode_layouts(lays, tokenizer)):
