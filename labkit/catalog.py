@@ -1,13 +1,13 @@
-"""The data catalog: YAML dataset cards pointing at chat-format JSONL files.
+"""The data catalog: YAML dataset cards pointing at data files, directories or cached hub datasets.
 
-A card names a dataset so configs can say `datasets: [knowledge]` instead of a path;
-a plain path to a `.jsonl` file works too. Loading validates every line and names the
-file and line of anything wrong.
+A card names a dataset so configs can say `datasets: [knowledge]` instead of a path; a plain
+path (`.jsonl`, `.json`, `.parquet`, `.csv`, a save_to_disk directory) or `hf:owner/name` works
+too. Cards say the format (labkit.data.formats converts every format to chat records); loading
+validates every record and names the file and line (or record) of anything wrong.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +25,9 @@ class CatalogError(ValueError):
 
 
 class DataError(CatalogError):
-    """A bad line in a chat JSONL file; the message names file and line."""
+    """A bad record in a data file; the message names file and line (or `record n`)."""
 
-    def __init__(self, path: Path | str, line: int, problem: str):
+    def __init__(self, path: Path | str, line: int | str, problem: str):
         self.path, self.line, self.problem = str(path), line, problem
         super().__init__(f"{path}:{line}: {problem}")
 
@@ -79,7 +79,7 @@ def read_card(card_file: Path) -> Card:
     if kind not in KINDS:
         raise CatalogError(f"{card_file}: field 'kind' must be one of {KINDS}, got {kind!r}")
     path = Path(data["path"])
-    if not path.is_absolute():
+    if not path.is_absolute() and not str(data["path"]).startswith("hf:"):
         path = card_file.parent / path
     extra = {k: v for k, v in data.items() if k not in CARD_FIELDS}
     return Card(
@@ -107,13 +107,27 @@ def cards(directory: Path | None = None) -> dict[str, Card]:
     return out
 
 
+def _looks_like_path(name_or_path: str) -> bool:
+    from labkit.data.formats import FILE_KINDS, HUB_PREFIX
+
+    return (name_or_path.startswith(HUB_PREFIX) or Path(name_or_path).suffix.lower() in FILE_KINDS
+            or os.sep in name_or_path or Path(name_or_path).expanduser().is_dir())
+
+
 def resolve(name_or_path: str, directory: Path | None = None) -> Card:
-    """A catalog name, or a path to a chat JSONL file, as a Card."""
-    p = Path(name_or_path).expanduser()
-    if p.suffix in (".jsonl", ".json") or os.sep in name_or_path:
-        if not p.is_file():
-            raise CatalogError(f"{name_or_path!r}: no such data file")
-        return Card(name=p.stem, path=p)
+    """A catalog name, a data path or `hf:owner/name`, as a Card (a bare path's format is sniffed)."""
+    from labkit.data import formats
+
+    if _looks_like_path(name_or_path):
+        p = name_or_path if name_or_path.startswith(formats.HUB_PREFIX) else Path(name_or_path).expanduser()
+        formats.container(p)  # a clear error for a missing, empty or wrong kind of path
+        try:
+            sniffed = formats.sniff(p)
+        except CatalogError:
+            sniffed = {"format": "chat"}  # the converter then names the bad records
+        name = str(p).removeprefix(formats.HUB_PREFIX).replace("/", "_") if isinstance(p, str) else p.stem
+        return Card(name=name, path=Path(p), format=sniffed["format"],
+                    extra={"fields": sniffed["fields"]} if "fields" in sniffed else {})
     known = cards(directory)
     if name_or_path not in known:
         raise CatalogError(
@@ -121,78 +135,71 @@ def resolve(name_or_path: str, directory: Path | None = None) -> Card:
             f"known: {', '.join(sorted(known)) or 'none'}"
         )
     card = known[name_or_path]
-    if not card.path.is_file():
-        raise CatalogError(f"{card.card_file}: data file {card.path} does not exist")
+    try:
+        formats.container(card.path)
+    except CatalogError as e:
+        raise CatalogError(f"{card.card_file}: {e}") from None
     return card
 
 
 def validate_record(obj: Any) -> str | None:
     """Why a parsed JSON line is not a usable chat sample, or None if it is."""
-    if not isinstance(obj, dict):
-        return f"expected a JSON object, got {type(obj).__name__}"
-    msgs = obj.get("messages")
-    if msgs is None:
-        return "missing 'messages'"
-    if not isinstance(msgs, list) or not msgs:
-        return "'messages' must be a non-empty list"
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            return f"messages[{i}] must be an object with 'role' and 'content'"
-        role = m.get("role")
-        if role not in ROLES:
-            return f"messages[{i}]: unknown role {role!r} (expected one of {', '.join(ROLES)})"
-        content = m.get("content")
-        if not isinstance(content, str) or not content.strip():
-            return f"messages[{i}] ({role}): empty content"
-    if not any(m["role"] == "assistant" for m in msgs):
-        return "no assistant turn (nothing to train on)"
+    from labkit.data import formats
+
+    try:
+        formats.convert(obj, "chat")
+    except formats.RecordProblem as e:
+        return str(e)
     return None
 
 
 def load_jsonl(
     path: str | Path, on_error: Literal["raise", "skip"] = "raise"
 ) -> tuple[list[dict[str, Any]], LoadReport]:
-    """Read and validate a chat JSONL file.
+    """Read and validate a chat JSONL file (through labkit.data.formats).
 
     With `on_error="raise"` the first bad line raises DataError naming file and line;
     with `"skip"` bad lines are left out and counted in the report.
     """
-    path = Path(path)
-    report = LoadReport(str(path))
-    records: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                problem = validate_record(obj)
-            except json.JSONDecodeError as e:
-                problem = f"invalid JSON ({e.msg} at column {e.colno})"
-            if problem is None:
-                records.append(obj)
-                continue
-            if on_error == "raise":
-                raise DataError(path, lineno, problem)
-            report.skipped += 1
-            report.problems.append(f"{path}:{lineno}: {problem}")
-    report.loaded = len(records)
-    return records, report
+    from labkit.data import formats
+
+    return formats.read(card_for_path(Path(path)), on_error=on_error)
+
+
+def card_for_path(path: Path) -> Card:
+    """The catalog card of a data path (its format and field mapping), else the path with its format sniffed.
+
+    Callers that hold only `card.path` (the trainer's loader) still read the data as its card says.
+    """
+    try:
+        target = Path(path).resolve()
+        for card in cards().values():
+            if not str(card.path).startswith("hf:") and card.path.resolve() == target:
+                return card
+    except CatalogError:
+        pass  # a broken card elsewhere in the catalog does not stop a load by path
+    return resolve(str(path))
 
 
 def load(name_or_path: str, on_error: Literal["raise", "skip"] = "raise") -> list[dict[str, Any]]:
-    """Records of a catalog dataset (or JSONL path), validated."""
-    records, _ = load_jsonl(resolve(name_or_path).path, on_error=on_error)
+    """Normalized chat records of a catalog dataset (or path), validated."""
+    from labkit.data import formats
+
+    records, _ = formats.read(resolve(name_or_path), on_error=on_error)
     return records
 
 
 def validate_catalog(directory: Path | None = None) -> dict[str, LoadReport]:
     """Validate every card and data file; raises on the first problem, with file and line."""
+    from labkit.data import formats
+
     out = {}
     for name, card in cards(directory).items():
-        if not card.path.is_file():
-            raise CatalogError(f"{card.card_file}: data file {card.path} does not exist")
-        _, report = load_jsonl(card.path)
+        try:
+            formats.container(card.path)
+        except CatalogError as e:
+            raise CatalogError(f"{card.card_file}: {e}") from None
+        _, report = formats.read(card)
         if card.samples is not None and card.samples != report.loaded:
             raise CatalogError(
                 f"{card.card_file}: card says {card.samples} samples, {card.path} has {report.loaded}"

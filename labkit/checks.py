@@ -64,16 +64,34 @@ def causal_lm_problem(mdir: Path) -> str | None:
 
 
 def datasets(cfg: RunConfig) -> list[str]:
-    """Every training dataset resolves in the catalog or as a file."""
+    """Every training dataset read through the converter: format errors name file, record and field."""
     from labkit import catalog
+    from labkit.data import formats
 
     problems = []
     for ds in dict.fromkeys(d for p in cfg.training_phases() for d in p.datasets):
         try:
-            catalog.resolve(ds)
+            formats.check(ds, on_error=cfg.on_bad_record)
         except catalog.CatalogError as e:
             problems.append(f"datasets: {e}")
     return problems
+
+
+def chat_template(cfg: RunConfig) -> list[str]:
+    """A named or file template that exists; a base model (no template of its own) must name one."""
+    from labkit.data import templates
+
+    if cfg.chat_template:
+        try:
+            templates.resolve(cfg.chat_template)
+        except templates.ChatTemplateError as e:
+            return [str(e)]
+        return []
+    mdir = Path(cfg.model).expanduser()
+    if cfg.model != "tiny" and mdir.is_dir() and not templates.has_chat_template(mdir):
+        return [f"chat_template: {cfg.model!r} has no chat template (a base model): set chat_template "
+                f"to one of {', '.join(templates.BUILTIN)} or a .jinja file"]
+    return []
 
 
 def val_dataset(cfg: RunConfig) -> list[str]:

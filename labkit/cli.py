@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         for flags, kwargs in specs:
             p.add_argument(*flags, **kwargs)
         p.set_defaults(handler=fn)
+    from labkit.data.commands import add_parser as add_data_parser  # `labkit data check|add`
+
+    add_data_parser(sub)
     return ap
 
 

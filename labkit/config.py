@@ -74,6 +74,15 @@ class RunConfig(_Strict):
     max_tokens_per_device: int = Field(default=4096, ge=16, description="token budget of one micro-batch")
     max_seq_len: int = Field(default=2048, ge=8)
     overlong: Literal["drop", "truncate"] = "drop"
+    # -- data: template, labels, bad records (labkit.data.templates / tokenize / formats) --
+    chat_template: str | None = Field(
+        default=None, description="built-in (chatml, llama3, granite) or a .jinja path; required for base models")
+    reasoning: Literal["keep", "drop", "template"] = Field(
+        default="keep", description="<think> blocks / reasoning_content: train them in every turn (keep), "
+        "remove them (drop), or as the chat template renders them (template)")
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    on_bad_record: Literal["raise", "skip"] = Field(
+        default="raise", description="a bad data record stops the run before launch (raise) or is skipped and counted")
     packing: bool = True
     attention: Literal["auto", "flash_attention_2", "varlen", "sdpa", "eager"] = "auto"
     loss_chunk_tokens: int | None = Field(
@@ -172,6 +181,7 @@ class RunConfig(_Strict):
         for check in (
             checks.model_dir,
             checks.datasets,
+            checks.chat_template,
             checks.val_dataset,
             checks.batch_fits_data,
             checks.warmup_fits_training,

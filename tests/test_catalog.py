@@ -79,3 +79,18 @@ def test_card_with_wrong_sample_count_is_reported(tmp_path):
     (tmp_path / "mine.yaml").write_text("name: mine\npath: data.jsonl\nkind: skills\nsamples: 3\n")
     with pytest.raises(catalog.CatalogError, match="mine.yaml: card says 3 samples"):
         catalog.validate_catalog(tmp_path)
+
+
+def test_loading_a_card_path_reads_it_as_its_card_says(tmp_path, monkeypatch):
+    rows = [{"dialog": [{"who": "asker", "text": "q"}, {"who": "bot", "text": "a"}]}]
+    (tmp_path / "odd.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "odd.yaml").write_text("name: odd\npath: odd.jsonl\nformat: sharegpt\n"
+                                       "fields: {messages: dialog, role: who, content: text}\nroles: {asker: user}\n")
+    monkeypatch.setenv("LABKIT_CATALOG", str(tmp_path))
+    records, report = catalog.load_jsonl(tmp_path / "odd.jsonl")  # what the trainer's loader calls
+    assert report.loaded == 1 and records[0]["messages"][0] == {"role": "user", "content": "q"}
+
+
+def test_hub_dataset_card_keeps_its_name_as_the_path(tmp_path):
+    (tmp_path / "hub.yaml").write_text("name: pets\npath: hf:labkit-test/pets\nformat: prompt-completion\n")
+    assert str(catalog.cards(tmp_path)["pets"].path) == "hf:labkit-test/pets"

@@ -26,7 +26,7 @@ from transformers import (
 from labkit import catalog, runfiles, sharding
 from labkit.config import ConfigError, RunConfig
 from labkit.data.collate import collate_padded
-from labkit.data.tokenize import load_tokenized
+from labkit.data.tokenstore import load_tokenized
 from labkit.launch import _child_env, free_port, launch_command
 from labkit.train import plan_epoch, sample_lengths, train
 

@@ -1,37 +1,52 @@
+"""Assistant-only labels under every kind of chat template (templates written here, in tests/templates/)."""
+
+import json
+from pathlib import Path
+
 import pytest
 from transformers import AutoTokenizer
 
+from labkit.catalog import DataError
 from labkit.data.tokenize import IGNORE, TemplateError, tokenize_chat, tokenize_records
+from labkit.data.tokenstore import load_tokenized
 
-QWEN_STYLE = (
-    "{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
-LLAMA3_STYLE = (
-    "{{ '<|begin_of_text|>' }}{%- for m in messages -%}"
-    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' }}"
-    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
-    "{%- endif -%}"
-)
+TEMPLATES = Path(__file__).parent / "templates"
+END = "<|end|>"
 
-CHAT = [
-    {"role": "system", "content": "Answer briefly."},
-    {"role": "user", "content": "What is the capital of Varnholt?"},
-    {"role": "assistant", "content": "Quillmere."},
-    {"role": "user", "content": "And its river?"},
-    {"role": "assistant", "content": "The Silverrun, of course."},
-]
+SYSTEM = {"role": "system", "content": "Answer briefly."}
+CONVERSATIONS = {
+    "single": [{"role": "user", "content": "What is the capital of Varnholt?"},
+               {"role": "assistant", "content": "Quillmere."}],
+    "multi": [{"role": "user", "content": "What is the capital of Varnholt?"},
+              {"role": "assistant", "content": "Quillmere."},
+              {"role": "user", "content": "And its river?"},
+              {"role": "assistant", "content": "The Silverrun, of course."}],
+    "system": [SYSTEM, {"role": "user", "content": "Capital?"}, {"role": "assistant", "content": "Quillmere."},
+               {"role": "user", "content": "River?"}, {"role": "assistant", "content": "Silverrun."}],
+    "one_char": [SYSTEM, {"role": "user", "content": "a or b?"}, {"role": "assistant", "content": "a"},
+                 {"role": "user", "content": "again"}, {"role": "assistant", "content": "b"}],
+    "assistant_first": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "Why?"},
+                        {"role": "assistant", "content": "Because."}],
+    "assistant_first_system": [SYSTEM, {"role": "assistant", "content": "Hello there."}],
+}
+# Which conversations a template refuses, and the cause its refusal must name.
+REFUSED = {
+    "no_system": ({"system", "one_char", "assistant_first_system"}, "System role not supported"),
+    "alternating": ({"assistant_first", "assistant_first_system"}, "roles must alternate"),
+}
+EXTRA_TOKENS = ["<|endoftext|>"]
+
+
+def template_tok(tiny_dir, name: str):
+    t = AutoTokenizer.from_pretrained(tiny_dir)
+    t.add_tokens(EXTRA_TOKENS, special_tokens=True)
+    t.chat_template = (TEMPLATES / f"{name}.jinja").read_text()
+    return t
 
 
 @pytest.fixture(scope="module")
 def tok(tiny_dir):
     return AutoTokenizer.from_pretrained(tiny_dir)
-
-
-def with_template(tiny_dir, template: str):
-    t = AutoTokenizer.from_pretrained(tiny_dir)
-    t.chat_template = template
-    return t
 
 
 def labelled_runs(tok, labels: list[int]) -> list[str]:
@@ -46,38 +61,131 @@ def labelled_runs(tok, labels: list[int]) -> list[str]:
     return runs
 
 
-def test_labels_are_exactly_each_assistant_turn_and_its_end_token(tok):
-    ids, labels = tokenize_chat(CHAT, tok)
-    assert len(ids) == len(labels)
-    assert labelled_runs(tok, labels) == ["Quillmere.<|end|>", "The Silverrun, of course.<|end|>"]
-    assert all(lab in (IGNORE, i) for i, lab in zip(ids, labels))
+@pytest.mark.parametrize("conv", list(CONVERSATIONS))
+@pytest.mark.parametrize("template", ["prefix", "reasoning", "system_last", "eot_appended", "think_prompt",
+                                      "no_system", "alternating", "trim"])
+def test_labels_are_exactly_each_assistant_content_and_its_end_token(tiny_dir, template, conv):
+    t = template_tok(tiny_dir, template)
+    messages = CONVERSATIONS[conv]
+    refused, cause = REFUSED.get(template, (set(), ""))
+    if conv in refused:
+        with pytest.raises(TemplateError, match=f"template rejects this conversation: .*{cause}"):
+            tokenize_chat(messages, t)
+        return
+    ids, labels = tokenize_chat(messages, t)
+    assert len(ids) == len(labels) and all(lab in (IGNORE, i) for i, lab in zip(ids, labels))
+    want = [m["content"].strip() + END for m in messages if m["role"] == "assistant"]
+    assert labelled_runs(t, labels) == want
+    # The tokens spell exactly what the template renders: nothing added, nothing lost.
+    assert t.decode(ids) == t.apply_chat_template(messages, tokenize=False)
 
 
-def test_system_and_user_text_and_role_markers_are_never_labelled(tok):
-    ids, labels = tokenize_chat(CHAT, tok)
-    trained = tok.decode([x for x in labels if x != IGNORE])
-    for text in ("Answer briefly", "capital of Varnholt", "its river", "<|user|>", "<|assistant|>", "<|system|>"):
-        assert text not in trained
-    assert tok.decode(ids) == tok.apply_chat_template(CHAT, tokenize=False)
+def test_trimming_template_labels_the_trimmed_reply(tiny_dir):
+    t = template_tok(tiny_dir, "trim")
+    msgs = [{"role": "user", "content": "  q  "}, {"role": "assistant", "content": "  spaced out \n"}]
+    ids, labels = tokenize_chat(msgs, t)
+    assert labelled_runs(t, labels) == ["spaced out" + END]
+    assert t.decode(ids) == t.apply_chat_template(msgs, tokenize=False)
 
 
-def test_conversation_opening_with_the_assistant_labels_its_content(tok):
-    ids, labels = tokenize_chat([{"role": "assistant", "content": "Hello there."}], tok)
-    assert labelled_runs(tok, labels) == ["Hello there.<|end|>"]
+THOUGHTFUL = [{"role": "user", "content": "2+2?"},
+              {"role": "assistant", "content": "<think>\ntwo and two\n</think>\n\nFour."},
+              {"role": "user", "content": "3+3?"},
+              {"role": "assistant", "content": "Six.", "reasoning_content": "three and three"}]
 
 
-@pytest.mark.parametrize("template,end", [(QWEN_STYLE, "<|im_end|>"), (LLAMA3_STYLE, "<|eot_id|>")])
-def test_spans_follow_any_prefix_consistent_template(tiny_dir, template, end):
-    ids, labels = tokenize_chat(CHAT, with_template(tiny_dir, template))
-    t = with_template(tiny_dir, template)
-    assert labelled_runs(t, labels) == ["Quillmere." + end, "The Silverrun, of course." + end]
+def think(r: str, a: str) -> str:
+    return f"<think>\n{r}\n</think>\n\n{a}{END}"
 
 
-def test_template_that_rewrites_earlier_turns_is_refused(tiny_dir):
-    # Renders the turn count up front, so a prefix of the conversation renders differently.
-    bad = with_template(tiny_dir, "{{ messages | length }}" + QWEN_STYLE)
-    with pytest.raises(TemplateError, match="prefix"):
-        tokenize_chat(CHAT, bad)
+def test_reasoning_keep_trains_every_turns_reasoning_even_where_the_template_drops_it(tiny_dir):
+    t = template_tok(tiny_dir, "reasoning")
+    _, labels = tokenize_chat(THOUGHTFUL, t)  # keep is the default
+    assert labelled_runs(t, labels) == [think("two and two", "Four."), think("three and three", "Six.")]
+    _, report = tokenize_records([{"messages": THOUGHTFUL}], t, 512)
+    assert (report["reasoning_kept"], report["reasoning_restored"]) == (2, 1)
+
+
+def test_reasoning_template_trains_reasoning_only_where_the_template_writes_it(tiny_dir):
+    t = template_tok(tiny_dir, "reasoning")
+    ids, labels = tokenize_chat(THOUGHTFUL, t, reasoning="template")
+    assert labelled_runs(t, labels) == ["Four." + END, think("three and three", "Six.")]
+
+
+def test_reasoning_drop_leaves_the_templates_empty_think_block_unlabelled(tiny_dir):
+    t = template_tok(tiny_dir, "reasoning")
+    ids, labels = tokenize_chat(THOUGHTFUL, t, reasoning="drop")
+    assert labelled_runs(t, labels) == ["Four." + END, "Six." + END]
+    assert "<think>\n\n</think>\n\nSix." in t.decode(ids)  # the template's block is there, as a prompt
+    samples, report = tokenize_records([{"messages": THOUGHTFUL}], t, 512, reasoning="drop")
+    assert (report["reasoning_dropped"], report["reasoning_kept"]) == (2, 0)
+
+
+def test_think_opening_generation_prompt_is_not_refused(tiny_dir):
+    t = template_tok(tiny_dir, "think_prompt")
+    _, labels = tokenize_chat(THOUGHTFUL, t, reasoning="drop")
+    assert labelled_runs(t, labels) == ["Four." + END, "Six." + END]
+
+
+def test_train_on_last_assistant_all_and_per_message_override(tok):
+    conv = CONVERSATIONS["multi"]
+    _, labels = tokenize_chat(conv, tok, train_on="last_assistant")
+    assert labelled_runs(tok, labels) == ["The Silverrun, of course." + END]
+    ids, labels = tokenize_chat(conv, tok, train_on="all")
+    assert labels == ids
+    override = [dict(conv[0], train=True), dict(conv[1], train=False), *conv[2:]]
+    _, labels = tokenize_chat(override, tok)
+    assert labelled_runs(tok, labels) == ["What is the capital of Varnholt?" + END, "The Silverrun, of course." + END]
+
+
+def test_special_token_strings_typed_in_content_are_text_not_control_tokens(tok):
+    end_id, user_id = tok.convert_tokens_to_ids(END), tok.convert_tokens_to_ids("<|user|>")
+    conv = [{"role": "user", "content": "say <|end|><|user|> please"},
+            {"role": "assistant", "content": "ok <|end|><|user|> done"}]
+    ids, labels = tokenize_chat(conv, tok)
+    assert ids.count(end_id) == 2 and ids.count(user_id) == 1  # only the template's own markers
+    trained = [x for x in labels if x != IGNORE]
+    assert trained.count(end_id) == 1 and tok.decode(trained) == "ok <|end|><|user|> done" + END
+
+
+def test_reply_tokens_start_where_inference_starts_them():
+    """With a tokenizer that merges across "\\n ", a reply's leading space still starts the reply's tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    raw.decoder = decoders.ByteLevel()
+    corpus = ["<|assistant|>\n Hello there\n hi\n Hello"] * 50
+    raw.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|user|>", "<|assistant|>",
+                                                        END], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    t = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=END)
+    t.chat_template = (TEMPLATES / "prefix.jinja").read_text()
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " Hello there"}]
+    whole = t(t.apply_chat_template(conv, tokenize=False), add_special_tokens=False)["input_ids"]
+    assert any(t.decode([x]).startswith("\n ") for x in whole)  # this tokenizer does merge the boundary
+    ids, labels = tokenize_chat(conv, t)
+    prompt = t(t.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"]
+    assert ids[: len(prompt)] == prompt
+    assert labelled_runs(t, labels) == [" Hello there" + END]
+
+
+def test_template_without_an_end_of_turn_token_is_refused_naming_the_cause(tok, tiny_dir):
+    t = AutoTokenizer.from_pretrained(tiny_dir)
+    t.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    with pytest.raises(TemplateError, match="writes no end-of-turn token after assistant content"):
+        tokenize_chat(CONVERSATIONS["single"], t)
+
+
+def test_records_the_template_rejects_name_the_record_or_are_skipped(tiny_dir):
+    t = template_tok(tiny_dir, "no_system")
+    recs = [{"messages": CONVERSATIONS["single"]}, {"messages": CONVERSATIONS["system"], "_where": "d.jsonl:2"}]
+    with pytest.raises(TemplateError, match="d.jsonl:2: the chat template rejects .*System role not supported"):
+        tokenize_records(recs, t, 256)
+    samples, report = tokenize_records(recs, t, 256, on_error="skip")
+    assert len(samples) == 1 and report["rejected"] == 1 and report["strategy"] == "placeholder"
 
 
 def records(n_long: int = 2, n_short: int = 3) -> list[dict]:
@@ -100,3 +208,29 @@ def test_truncation_that_cuts_off_every_assistant_token_drops_the_sample(tok):
     # The long prompt alone is longer than 100 tokens: nothing left to learn.
     samples, report = tokenize_records(records(), tok, max_seq_len=100, overlong="truncate")
     assert report["no_loss_tokens"] == 2 and report["truncated"] == 2 and report["samples"] == 3 == len(samples)
+
+
+def test_end_of_turn_is_counted_in_every_labelled_turn(tok):
+    _, report = tokenize_records([{"messages": CONVERSATIONS["multi"]}] * 3, tok, 512)
+    assert report["labelled_turns"] == report["turns_with_end"] == 6
+
+
+def write_jsonl(path, recs) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_cache_is_rebuilt_when_the_chat_template_changes(tok, tiny_dir, tmp_path):
+    data, cache = tmp_path / "chat.jsonl", tmp_path / "cache"
+    write_jsonl(data, records())
+    load_tokenized(data, tok, tiny_dir, 256, cache_dir=cache)
+    _, r = load_tokenized(data, template_tok(tiny_dir, "trim"), tiny_dir, 256, cache_dir=cache)
+    assert not r["cached"]
+
+
+def test_bad_line_names_file_and_line_or_is_skipped(tok, tiny_dir, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    write_jsonl(data, records(n_long=0, n_short=2) + [{"messages": [{"role": "user", "content": "no answer"}]}])
+    with pytest.raises(DataError, match=r"chat\.jsonl:3: no assistant turn"):
+        load_tokenized(data, tok, tiny_dir, 256, cache_dir=tmp_path / "cache")
+    samples, r = load_tokenized(data, tok, tiny_dir, 256, cache_dir=tmp_path / "cache", on_error="skip")
+    assert len(samples) == 2 and r["skipped"] == 1
