@@ -40,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 
 from labkit.buildonce import build_once
-from labkit.data.tokenize import TokenizedSample, tokenize_records
+from labkit.data.tokenize import LABELS_VERSION, TokenizedSample, tokenize_records
 
 STORE_VERSION = 3
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -196,11 +196,12 @@ def _write_atomic(path: Path, text: str) -> None:
 def cache_key(data_path: str | Path, tokenizer, tokenizer_dir: str | Path, max_seq_len: int, overlong: str,
               on_error: str = "raise", options: dict | None = None, memo_dir: str | Path | None = None) -> str:
     """Hash of everything the tokenized samples depend on: the data bytes, the tokenizer files and
-    chat template, `max_seq_len`, `overlong`, `on_error` and the labelling `options`."""
+    chat template, `max_seq_len`, `overlong`, `on_error`, the labelling `options` and code version,
+    and the tokenizer's size (a configured chat template adds tokens that no file on disk shows yet)."""
     template = tokenizer.chat_template
     h = hashlib.sha256(json.dumps(
-        [STORE_VERSION, max_seq_len, overlong, on_error, sorted((options or {}).items()),
-         template if isinstance(template, str) else repr(template)], default=repr).encode())
+        [STORE_VERSION, LABELS_VERSION, max_seq_len, overlong, on_error, sorted((options or {}).items()),
+         template if isinstance(template, str) else repr(template), len(tokenizer)], default=repr).encode())
     h.update(file_digest(data_path, memo_dir).encode())
     for name in TOKENIZER_FILES:
         f = Path(tokenizer_dir) / name
