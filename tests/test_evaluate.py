@@ -138,6 +138,9 @@ def test_target_resolution_prefers_final_then_the_newest_complete_checkpoint(tmp
     (run / "final" / "config.json").write_text("{}")
     (run / "status.json").write_text(json.dumps({"step": 25, "samples": 400}))
     (run / "config.yaml").write_text("name: run\n")
+    # final/ without its completion marker is torn (a trainer killed while writing it): never picked.
+    assert resolve_target(run).checkpoint.name == "step-00000020"
+    (run / "final" / "checkpoint.json").write_text(json.dumps({"step": 25, "samples": 400}))
     t = resolve_target(run)
     assert (t.checkpoint.name, t.step, t.samples) == ("final", 25, 400)
     assert resolve_target(run / "final").run_dir == run.resolve()

@@ -228,3 +228,20 @@ def test_planned_samples_follow_short_last_steps_across_epochs_and_phases():
     assert samples_in_steps(4, [10, 7], [2, 1], 100) == 27
     assert samples_in_steps(4, [10, 7], [2, 1], 7) == 24
     assert samples_in_steps(4, [10, 7], [2, 1], 0) == 0
+
+
+def test_validation_is_the_token_mean_loss_planned_within_the_token_budget(tmp_path):
+    # A budget of 300 tokens: the validation set runs as several padded micro-batches of the training
+    # planner; its loss must still be the mean over all its assistant tokens.
+    cfg = cfg_for(tmp_path, max_steps=1, max_tokens_per_device=300, val_dataset="eval_exact", val_every_samples=16,
+                  export_dtype="float32")
+    assert train(cfg)["state"] == "finished"
+    (row,) = runfiles.read_metrics(cfg.run_dir)
+    model = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "final", attn_implementation="sdpa",
+                                                 dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(cfg.run_dir / "final")
+    samples, _ = tokenize_records(catalog.load("eval_exact"), tok, max_seq_len=256)
+    with torch.no_grad():
+        total = sum(token_loss_sum(model, collate_packed([s], tok.pad_token_id)).item() for s in samples)
+    n = sum(sum(1 for x in s.labels[1:] if x != -100) for s in samples)
+    assert row["val_loss"] == pytest.approx(total / n, rel=1e-4)
