@@ -37,7 +37,9 @@ from transformers.trainer_callback import PrinterCallback
 from labkit import attention, sharding
 from labkit.config import RunConfig
 from labkit.data.tokenize import IGNORE, TokenizedSample
-from labkit.train import Concat, Loop, peak_memory_mb, plan_epoch
+from labkit.data.tokenstore import ConcatStore
+from labkit.schedule import RunSchedule
+from labkit.train import Loop, peak_memory_mb, plan_epoch
 
 PRESETS = {
     # Llama-3.2-1B / 3B shapes; the tiny one only keeps the dry run fast.
@@ -197,7 +199,9 @@ def run_labkit(packing: bool, samples: list[TokenizedSample], args: argparse.Nam
     pos = {"step": 0, "samples": 0, "tokens": 0, "phase": 0, "epoch": 0, "step_in_epoch": 0}
     loop = TimedLoop(cfg, d, "single", dtype, model, model, opt, SimpleNamespace(pad_token_id=PAD_ID), impl, None,
                      n_steps, pos, None, None, SimpleNamespace(count=0), lambda msg: None)
-    loop.run_phase(0, cfg.training_phases()[0], Concat([samples]), n_steps, resumed=False)
+    # The constant schedule of every system here, over the steps timed and untimed.
+    schedule = RunSchedule(cfg.learning_rate, "constant", 0.0, (n_steps,), (0,))
+    loop.run_phase(0, cfg.training_phases()[0], ConcatStore([samples]), schedule, resumed=False)
     # labkit counts each step's tokens itself; they must be the planned steps every system trains on.
     steps = [[len(samples[i].input_ids) for i in step] for step in plan_steps(cfg, samples)]
     counted = np.diff([0] + [r["tokens"] for r in loop.rows]).tolist()

@@ -38,10 +38,11 @@ from labkit.catalog import resolve
 from labkit.config import ConfigError, RunConfig, load_config
 from labkit.data import multipack
 from labkit.data.collate import collate_packed, collate_padded
-from labkit.data.tokenize import load_tokenized
+from labkit.data.templates import prepare_for_training
+from labkit.data.tokenstore import ConcatStore, load_tokenized
 from labkit.loss import chunked_loss, supports_chunked_loss
 from labkit.runfiles import checkpoints
-from labkit.schedule import lr_factor, warmup_steps
+from labkit.schedule import RunSchedule, run_schedule
 from labkit.tiny import resolve_model
 
 ERRORS = "errors"
@@ -55,10 +56,6 @@ EVAL_WAIT_S = 1800  # at the end, how long the trainer waits for background eval
 # -- model and data -------------------------------------------------------------------------------
 
 
-def prepare_tokenizer_and_model(cfg: RunConfig, tokenizer, model) -> None:
-    """Tokenizer and model adjustments before training (chat template, pad token): one place for them."""
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
 
 
 def load_model(cfg: RunConfig, model_dir: Path, d: sharding.Dist, strategy: str):
@@ -87,7 +84,9 @@ def load_model(cfg: RunConfig, model_dir: Path, d: sharding.Dist, strategy: str)
         impl = "eager"
         model = build(impl)
     model.config.use_cache = False
-    prepare_tokenizer_and_model(cfg, tokenizer, model)
+    # The chat template (a built-in for base models), its special tokens with embeddings grown to
+    # match, eos = end of turn, a real pad token: all before the loss head is chunked or the model sharded.
+    prepare_for_training(tokenizer, model, cfg)
     if cfg.loss_chunk_tokens and supports_chunked_loss(model) is None:
         chunked_loss(model, cfg.loss_chunk_tokens)
     from labkit.memory import wants_checkpointing
@@ -115,41 +114,20 @@ def shard_model(model, strategy: str, d: sharding.Dist, dtype):
     return model
 
 
-class Concat:
-    """Several datasets as one indexable phase (works for lists and token stores alike)."""
-
-    def __init__(self, parts: list):
-        self.parts = parts
-        self.lengths = np.concatenate([sample_lengths(p) for p in parts]) if parts else np.zeros(0, np.int64)
-        self.starts = np.cumsum([0] + [len(p) for p in parts])
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def __getitem__(self, i: int):
-        k = int(np.searchsorted(self.starts, i, side="right")) - 1
-        return self.parts[k][i - int(self.starts[k])]
-
-
-def sample_lengths(samples) -> np.ndarray:
-    """Token counts of a dataset: a token store's `lengths`, or measured from a list of samples."""
-    lengths = getattr(samples, "lengths", None)
-    if lengths is not None:
-        return np.asarray(lengths, dtype=np.int64)
-    return np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
-
-
-def load_phase_data(cfg: RunConfig, datasets: list[str], tokenizer, model_dir: Path, log) -> Concat:
-    parts = []
+def load_phase_data(cfg: RunConfig, datasets: list[str], tokenizer, model_dir: Path, log) -> ConcatStore:
+    parts, dropped = [], 0
     for name in datasets:
         part, report = load_tokenized(
-            resolve(name).path, tokenizer, model_dir, cfg.max_seq_len, overlong=cfg.overlong
-        )
-        log(f"data {name}: {report}")
+            resolve(name).path, tokenizer, model_dir, cfg.max_seq_len, overlong=cfg.overlong,
+            on_error=cfg.on_bad_record, options={"reasoning": cfg.reasoning, "train_on": cfg.train_on})
+        log(f"data {name}: " + ", ".join(f"{k}={v}" for k, v in report.items() if k != "source"))
         parts.append(part)
-    data = Concat(parts)
+        dropped += report.get("dropped_overlong", 0)
+    data = ConcatStore(parts)
     if not len(data):
-        raise ConfigError(f"datasets: {datasets} hold no usable samples after tokenization")
+        hint = (f"max_seq_len: {cfg.max_seq_len} drops all {dropped} samples as overlong; raise it or set "
+                "overlong: truncate") if dropped else f"datasets: {datasets} hold no usable samples after tokenization"
+        raise ConfigError(hint)
     return data
 
 
@@ -172,11 +150,6 @@ def planner(cfg: RunConfig, packed_rows: bool):
 def plan_epoch(cfg: RunConfig, lengths, world: int, epoch: int, packed_rows: bool = True) -> list:
     return planner(cfg, packed_rows)(lengths, cfg.effective_batch_size, cfg.max_tokens_per_device, world,
                                      cfg.seed, epoch)
-
-
-def steps_per_epoch(n_samples: int, batch: int) -> int:
-    """Optimizer steps of one epoch: exactly `batch` samples each, the rest in a smaller last one."""
-    return math.ceil(n_samples / batch)
 
 
 def samples_in_steps(batch: int, phase_sizes: list[int], epochs: list[int], steps: int) -> int:
@@ -362,8 +335,9 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
             val = load_phase_data(cfg, [cfg.val_dataset], tokenizer, model_dir, log) if cfg.val_dataset else None
         for p, x in zip(phases, data):
             check_budget(cfg, x.lengths, p.datasets)
-        phase_steps = [steps_per_epoch(len(x), cfg.effective_batch_size) * p.epochs for x, p in zip(data, phases)]
-        total_steps = min(sum(phase_steps), cfg.max_steps or sum(phase_steps))
+        # One schedule for the run, the same the notebooks preview: each phase decays over the steps it runs.
+        schedule = run_schedule(cfg, [len(x) for x in data])
+        total_steps = schedule.total_steps
         total_samples = samples_in_steps(cfg.effective_batch_size, [len(x) for x in data],
                                          [p.epochs for p in phases], total_steps)
         packed_rows = attention.needs_cu_seqlens(impl)
@@ -400,7 +374,7 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         for p_idx, (phase, samples) in enumerate(zip(phases, data)):
             if p_idx < pos["phase"]:
                 continue
-            loop.run_phase(p_idx, phase, samples, phase_steps[p_idx], resumed=resume is not None and p_idx == pos["phase"])
+            loop.run_phase(p_idx, phase, samples, schedule, resumed=resume is not None and p_idx == pos["phase"])
             if loop.done:
                 break
         state, reason = ("stopped" if loop.stopped else "finished"), loop.stop_reason
@@ -456,7 +430,7 @@ class Loop:
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "time": self.time_offset + time.time() - self.t0}
 
-    def run_phase(self, p_idx: int, phase, samples, n_steps: int, resumed: bool) -> None:
+    def run_phase(self, p_idx: int, phase, samples, schedule: RunSchedule, resumed: bool) -> None:
         cfg, d = self.cfg, self.d
         if not resumed:
             # A phase starts from the previous phase's weights with a fresh optimizer and schedule, as the
@@ -464,7 +438,7 @@ class Loop:
             self.opt.state.clear()
             self.phase, self.epoch, self.step_in_epoch = p_idx, 0, 0
         lengths = samples.lengths
-        per_epoch = steps_per_epoch(len(samples), cfg.effective_batch_size)
+        per_epoch = multipack.steps_in_epoch(len(samples), cfg.effective_batch_size)
         for epoch in range(self.epoch, phase.epochs):
             self.epoch = epoch
             if self.step_in_epoch < per_epoch:
@@ -478,7 +452,7 @@ class Loop:
                     eff = multipack.packing_efficiency(plan[i], lengths, cfg.max_tokens_per_device)
                     self.step_in_epoch = i + 1  # the position a checkpoint taken after this step resumes from
                     self.optimizer_step(micro, n_samples, eff, epoch + (i + 1) / len(plan), p_idx,
-                                        epoch * per_epoch + i, n_steps)
+                                        epoch * per_epoch + i, schedule)
                     if self.done:
                         return
             self.step_in_epoch = 0
@@ -505,11 +479,10 @@ class Loop:
                 if torch.is_tensor(v) else v for k, v in kw.items()}
 
     def optimizer_step(self, micro: list[list], n_samples: int, eff: float, epoch: float, p_idx: int,
-                       step_in_phase: int, phase_steps: int) -> None:
+                       step_in_phase: int, schedule: RunSchedule) -> None:
         cfg, d, model, opt = self.cfg, self.d, self.model, self.opt
         t = time.time()
-        lr = cfg.learning_rate * lr_factor(step_in_phase, phase_steps, cfg.schedule,
-                                           warmup_steps(cfg, phase_steps), cfg.min_lr_ratio)
+        lr = cfg.learning_rate * schedule.factor(p_idx, step_in_phase)
         for group in opt.param_groups:
             group["lr"] = lr
         batches = [self.batch(mb) for mb in micro]

@@ -71,8 +71,6 @@ def test_the_preview_total_is_the_schedule_total():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="labkit/train.py still builds each phase's LambdaLR over the uncut phase "
-                   "length; wiring it to schedule.run_schedule (RunSchedule.factor) makes this pass: then drop this mark")
 def test_the_trainer_uses_exactly_the_run_schedule(tmp_path):
     # Two phases of knowledge (384 samples: 6 steps of 64 each); max_steps=10 cuts phase 2 to 4 steps.
     from labkit import runfiles

@@ -26,9 +26,9 @@ from transformers import (
 from labkit import catalog, runfiles, sharding
 from labkit.config import ConfigError, RunConfig
 from labkit.data.collate import collate_padded
-from labkit.data.tokenstore import load_tokenized
+from labkit.data.tokenstore import load_tokenized, sample_lengths
 from labkit.launch import _child_env, free_port, launch_command
-from labkit.train import plan_epoch, sample_lengths, train
+from labkit.train import plan_epoch, train
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "train_worker.py"

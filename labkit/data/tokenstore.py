@@ -135,14 +135,22 @@ class TokenStore:
             pass
 
 
-class ConcatStore:
-    """Several stores (a phase's datasets) indexed as one, in order."""
+def sample_lengths(samples) -> np.ndarray:
+    """Token counts of a dataset: a store's `lengths`, or measured from a list of samples."""
+    lengths = getattr(samples, "lengths", None)
+    if lengths is not None:
+        return np.asarray(lengths)
+    return np.fromiter((len(s.input_ids) for s in samples), dtype=DTYPE, count=len(samples))
 
-    def __init__(self, stores: list[TokenStore]):
+
+class ConcatStore:
+    """Several stores (a phase's datasets; lists of samples work too) indexed as one, in order."""
+
+    def __init__(self, stores: list):
         self.stores = list(stores)
         sizes = [len(s) for s in self.stores]
         self.starts = np.cumsum([0, *sizes])
-        self.lengths = np.concatenate([np.asarray(s.lengths) for s in self.stores]) if self.stores \
+        self.lengths = np.concatenate([sample_lengths(s) for s in self.stores]) if self.stores \
             else np.empty(0, dtype=DTYPE)
 
     def __len__(self) -> int:
