@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from labkit.runfiles import checkpoints
 
 COMPLETE = "checkpoint.json"
 LOCK = ".trainer.lock"
+LOCK_GRACE_S = 5.0
 EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
@@ -51,9 +53,17 @@ class RunLock:
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = self.path.open("a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        # A trainer killed a moment ago may still be exiting (its lock goes with its last file
+        # descriptor): give it a few seconds before calling the run busy.
+        deadline = time.monotonic() + LOCK_GRACE_S
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             fh.close()
