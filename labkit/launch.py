@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from labkit import gpus as gpus_mod
-from labkit import liveness, runfiles, slurm
+from labkit import liveness, rendezvous, runfiles, slurm
 from labkit.config import ConfigError, RunConfig, load_config
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ def _child_env(cpu: bool = False, gpus: list[str] | None = None, single_node: bo
     env.pop(gpus_mod.GPUS_ENV, None)  # the trainer must not schedule again
     if single_node:
         env["MASTER_ADDR"] = "127.0.0.1"
-        env["LABKIT_RDZV_HOST"] = "127.0.0.1"  # for launch_command's rendezvous (torchelastic's TCPStore)
+        env[rendezvous.HOST_ENV] = "127.0.0.1"  # labkit.rendezvous binds torchelastic's store there
         loopback = _loopback_interface()
         env["GLOO_SOCKET_IFNAME"] = loopback
         env.setdefault("NCCL_SOCKET_IFNAME", loopback)
@@ -220,6 +220,8 @@ def _start(cfg: RunConfig, run_dir: Path, config_path: Path, gpus: list[str] | N
     d = cfg.distributed
     port = d.main_process_port if d.num_machines > 1 else free_port()
     cmd = launch_command(cfg, config_path, port=port)
+    if d.num_machines == 1 and cmd[1:3] == ["-m", "accelerate.commands.launch"]:
+        cmd[2] = "labkit.rendezvous"  # the same launcher, its rendezvous store on loopback only
     env = _child_env(d.cpu, gpus, single_node=d.num_machines == 1)
     info = {"backend": "local", "host": socket.gethostname(), "node": socket.gethostname(), "job_id": None,
             "gpus": gpus, "gpus_needed": len(gpus) if gpus else 0, "port": port, "queued_at": queued_at,
