@@ -125,6 +125,7 @@ def _child_env(cpu: bool = False, gpus: list[str] | None = None, single_node: bo
     elif gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     env.pop(gpus_mod.GPUS_ENV, None)  # the trainer must not schedule again
+    env.pop(rendezvous.HOST_ENV, None)
     if single_node:
         env["MASTER_ADDR"] = "127.0.0.1"
         env[rendezvous.HOST_ENV] = "127.0.0.1"  # labkit.rendezvous binds torchelastic's store there
@@ -220,9 +221,11 @@ def _start(cfg: RunConfig, run_dir: Path, config_path: Path, gpus: list[str] | N
     d = cfg.distributed
     port = d.main_process_port if d.num_machines > 1 else free_port()
     cmd = launch_command(cfg, config_path, port=port)
-    if d.num_machines == 1 and cmd[1:3] == ["-m", "accelerate.commands.launch"]:
-        cmd[2] = "labkit.rendezvous"  # the same launcher, its rendezvous store on loopback only
     env = _child_env(d.cpu, gpus, single_node=d.num_machines == 1)
+    if d.num_machines > 1 and d.main_process_ip:
+        env[rendezvous.HOST_ENV] = d.main_process_ip  # machine 0 serves the store there only
+    if rendezvous.HOST_ENV in env and cmd[1:3] == ["-m", "accelerate.commands.launch"]:
+        cmd[2] = "labkit.rendezvous"  # the same launcher, its rendezvous store bound to that address
     info = {"backend": "local", "host": socket.gethostname(), "node": socket.gethostname(), "job_id": None,
             "gpus": gpus, "gpus_needed": len(gpus) if gpus else 0, "port": port, "queued_at": queued_at,
             "launched_at": queued_at, "started_at": time.time(), "cwd": os.getcwd(), "command": cmd,

@@ -13,6 +13,7 @@ another host by their files alone (their processes are not visible from here).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -129,9 +130,23 @@ def group_members(pgid: int) -> list[int]:
 
 
 def _last_step(run_dir: Path, status: dict[str, Any]) -> int:
+    """The last step the run logged: status.json's, or metrics.jsonl's when that is further (only the
+    file's tail is read: a dead run is shown on every Board refresh)."""
     step = status.get("step") or 0
-    rows = runfiles.read_metrics(run_dir) if (run_dir / runfiles.METRICS).exists() else []
-    return max([step, *(r["step"] for r in rows[-1:] if isinstance(r.get("step"), int))])
+    try:
+        with (run_dir / runfiles.METRICS).open("rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 65536))
+            lines = fh.read().splitlines()
+    except OSError:
+        return step
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a torn last line, or the cut first one
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            return max(step, row["step"])
+    return step
 
 
 def alive(run_dir: str | Path, launcher: dict[str, Any] | None = None,

@@ -502,6 +502,8 @@ class Sweep:
             notebook = ROOT / notebook
         # Runs at once share the cores: oversubscribed torch threads slow every run down a lot.
         threads = max(1, (os.cpu_count() or 1) // self.concurrency)
+        if self.spec.backend == "slurm":
+            threads = None  # the jobs train elsewhere: this machine's cores are not theirs to share
         parameters = {"config_path": str(config_path.resolve()), "overrides": {}, "threads": threads,
                       "runs_root": str(self.runs_root.resolve()), "interactive": False, "wait": True, **params}
         t0 = time.time()

@@ -111,3 +111,25 @@ def test_a_four_run_sweep_on_slurm_stops_the_worse_half(slurm_cluster, tmp_path,
         assert (root / name / "report.ipynb").is_file()  # the executed notebook is still the run's report
         if name in rec["early_termination"]["stopped"]:
             assert "early termination by sweep sl" in runfiles.read_status(run.dir)["stop_reason"]
+
+
+def test_a_two_node_job_runs_one_accelerate_per_node_with_slurms_rank_and_the_first_host(tmp_path, monkeypatch):
+    import subprocess
+
+    from labkit.launch import _slurm_command
+
+    profile = tmp_path / "slurm.yaml"
+    profile.write_text("partition: gpu\naccount: lab\ntime: '12:00:00'\nsetup: [module load cuda]\n")
+    monkeypatch.setenv("LABKIT_SLURM_PROFILE", str(profile))
+    cfg = RunConfig(**{**TINY, "name": "big", "runs_root": str(tmp_path / "runs"), "slurm": {"time": "01:00:00"},
+                       "distributed": {"num_processes": 8, "num_machines": 2}})
+    text = slurm.script(cfg, _slurm_command(cfg, cfg.run_dir / "config.yaml"))
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --time=01:00:00", "module load cuda"):
+        assert line in text.splitlines(), line  # the config's time wins over the profile's
+    srun = next(x for x in text.splitlines() if x.startswith("srun "))
+    assert "--num_processes 8 --num_machines 2" in srun and "--multi_gpu" in srun
+    assert "--machine_rank $SLURM_NODEID" in srun and "--main_process_ip $MAIN_IP" in srun
+    path = tmp_path / "job.sbatch"
+    path.write_text(text)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0

@@ -338,3 +338,9 @@ def test_yaml_binary_parameters_in_a_spec_file_are_refused_with_the_file_named(t
                     "parameters:\n  note: !!binary aGVsbG8=\n")
     with pytest.raises(SweepError, match=r"(?s)s.yaml.*parameters.note: must be plain data"):
         sweep.load_spec(path)
+
+
+@pytest.mark.parametrize("template", sorted(p.name for p in (sweep.ROOT / "templates" / "sweeps").glob("*.yaml")))
+def test_sweep_templates_expand(template):
+    spec = sweep.load_spec(sweep.ROOT / "templates" / "sweeps" / template)
+    assert expand(spec, "/tmp/r") and spec.backend in ("local", "slurm")
