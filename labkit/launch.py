@@ -181,6 +181,13 @@ def launch(config: RunConfig | str | Path, overwrite: bool = False, backend: str
     if n_gpus > len(node):
         problems.append(f"distributed.num_processes: the run needs {n_gpus} GPUs, this node has {len(node)} "
                         f"({','.join(node)}; {gpus_mod.GPUS_ENV} or CUDA_VISIBLE_DEVICES choose them)")
+    if backend == "slurm":
+        if not slurm.available():
+            problems.append("backend: slurm needs sbatch, squeue, scontrol and scancel on PATH (a Slurm login node)")
+        try:
+            slurm.options(cfg)
+        except ConfigError as e:
+            problems.append(str(e))
     if problems:
         raise ConfigError("\n  - ".join([f"run {cfg.name!r} cannot start:", *problems]))
     run_dir = cfg.run_dir
@@ -206,7 +213,11 @@ def launch(config: RunConfig | str | Path, overwrite: bool = False, backend: str
         "launched_at": now})
 
     if backend == "slurm":
-        slurm.submit(cfg, config_path, _slurm_command(cfg, config_path))
+        try:
+            slurm.submit(cfg, config_path, _slurm_command(cfg, config_path))
+        except slurm.SlurmError as e:  # the run dir must not stay `pending` for a job that never was
+            runfiles.update_status(run_dir, state="failed", error=f"not submitted: {e}", ended_at=time.time())
+            raise
     elif n_gpus == 0:
         _start(cfg, run_dir, config_path, None, now)
     else:

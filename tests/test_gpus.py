@@ -220,3 +220,16 @@ def test_six_runs_of_1_1_2_2_1_4_gpus_share_four_gpus_and_all_finish(tmp_path, t
     print(f"six-run GPU sweep: {elapsed:.0f}s")
     for r in runs(root):
         assert not r.is_alive()
+
+
+def test_a_queued_run_waits_in_its_own_process_and_stop_takes_it_out_of_the_queue(tmp_path, tiny_dir, four_gpus,
+                                                                                  sleepers):
+    root = tmp_path / "runs"
+    holder(root, "busy", sleepers(), ["0", "1", "2", "3"])
+    run = launch(RunConfig(**TINY, name="later", max_steps=1, runs_root=str(root), distributed={"num_processes": 1}))
+    status = Run(run.dir).status()  # a fresh Run: what a restarted notebook sees
+    assert status["state"] == "pending" and status["pending_reason"].startswith("waiting for 1 GPU: 0 of 4 free")
+    assert run.is_alive() and run.placement()["gpus"] is None and run.placement()["gpus_needed"] == 1
+    status = run.stop(timeout=60, reason="not needed")
+    assert status["state"] == "stopped" and status["stop_reason"] == "not needed (while queued)"
+    assert not run.is_alive() and "queued: waiting for 1 GPU" in run.tail()

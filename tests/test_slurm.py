@@ -10,7 +10,7 @@ import pytest
 from slurm_cluster import slurm_cluster  # noqa: F401 - the session fixture
 
 from labkit import runfiles, slurm, sweep
-from labkit.config import RunConfig
+from labkit.config import ConfigError, RunConfig
 from labkit.launch import Run, launch, overview, runs
 
 TINY = dict(model="tiny", datasets=["skills"], effective_batch_size=8, max_tokens_per_device=512, max_seq_len=128,
@@ -133,3 +133,11 @@ def test_a_two_node_job_runs_one_accelerate_per_node_with_slurms_rank_and_the_fi
     path = tmp_path / "job.sbatch"
     path.write_text(text)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+
+
+def test_a_slurm_run_without_slurm_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    cfg = RunConfig(**{**TINY, "name": "nowhere", "runs_root": str(tmp_path / "runs")})
+    with pytest.raises(ConfigError, match="backend: slurm needs sbatch"):
+        launch(cfg, backend="slurm")
+    assert not cfg.run_dir.exists()
