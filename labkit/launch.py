@@ -262,7 +262,7 @@ def _start_waiter(run_dir: Path, n_gpus: int, queued_at: float, reason: str) -> 
     """A detached process that waits for the run's GPUs and then becomes its trainer (`_wait_and_start`):
     it survives a notebook restart, and killing it (Run.kill) takes the run out of the queue."""
     cmd = [sys.executable, "-m", "labkit.launch", "--start-queued", str(run_dir.resolve())]
-    env = _child_env()
+    env = _child_env(single_node=False)  # the trainer's own environment is made when it starts
     env.update({k: v for k, v in os.environ.items() if k == gpus_mod.GPUS_ENV})  # the waiter schedules
     with (run_dir / LOG).open("ab") as log:
         log.write(f"[labkit] queued: {reason}\n".encode())
@@ -513,6 +513,8 @@ def _slurm_command(cfg: RunConfig, config_path: Path) -> str:
                          cuda=bool(slurm.options(cfg).gpus_per_node) and not d.cpu)
     if not multi and "--main_process_port" in cmd:
         cmd[cmd.index("--main_process_port") + 1] = "0"  # any free port: several jobs may share a node
+    if not multi and cmd[1:3] == ["-m", "accelerate.commands.launch"]:
+        cmd[2] = "labkit.rendezvous"  # its store on loopback, as for local runs (the script sets the host)
     return shlex.join(cmd).replace("@RANK@", "$SLURM_NODEID").replace("@IP@", "$MAIN_IP")
 
 

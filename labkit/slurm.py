@@ -119,8 +119,8 @@ def script(cfg: RunConfig, command: str, opts: Slurm | None = None) -> str:
         "pythonpath": shlex.quote(str(REPO)),
         "python": shlex.quote(sys.executable),
         # One node: every rendezvous socket on loopback (as for local runs); several: machine 0's address.
-        "rendezvous": ("export MASTER_ADDR=127.0.0.1 GLOO_SOCKET_IFNAME=lo NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-lo}"
-                       if single else "export MASTER_ADDR=$MAIN_IP"),
+        "rendezvous": ("export MASTER_ADDR=127.0.0.1 LABKIT_RDZV_HOST=127.0.0.1 GLOO_SOCKET_IFNAME=lo "
+                       "NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-lo}" if single else "export MASTER_ADDR=$MAIN_IP"),
         "command": command.replace("'", "'\\''"),
     }
     text = TEMPLATE.read_text()

@@ -42,7 +42,8 @@ def wait_for(predicate, timeout=120, what="condition"):
 
 def test_a_run_submitted_to_slurm_trains_to_the_end(on_slurm, slurm_cluster):  # noqa: F811
     t0 = time.time()
-    run = launch(on_slurm("sl-done", max_steps=4), backend="slurm")
+    # Two processes (gloo): accelerate's rendezvous inside the job, on loopback like a local run.
+    run = launch(on_slurm("sl-done", max_steps=4, distributed={"cpu": True, "num_processes": 2}), backend="slurm")
     placement = run.placement()
     assert placement["backend"] == "slurm" and placement["job_id"]
     wait_for(lambda: run.status().get("job_state") in ("RUNNING", "COMPLETED") or
