@@ -76,7 +76,8 @@ def test_node_gpus_come_from_labkit_gpus_then_cuda_visible_devices(monkeypatch):
     assert gpus.node_gpus() == []
 
 
-def test_assignments_are_found_again_from_the_run_dirs_and_a_dead_run_frees_its_gpus(tmp_path, sleepers):
+def test_assignments_are_found_again_from_the_run_dirs_and_a_dead_run_frees_its_gpus(tmp_path, sleepers,
+                                                                                     four_gpus):
     root = tmp_path / "runs"
     a = sleepers()
     holder(root, "a", a, ["0", "1"])
@@ -87,6 +88,7 @@ def test_assignments_are_found_again_from_the_run_dirs_and_a_dead_run_frees_its_
     placed = gpus.place(me, 3, time.time(), start=started.append, gpus=["0", "1", "2", "3"])
     assert placed.gpus is None and not started
     assert placed.reason == "waiting for 3 GPUs: 1 of 4 free (a has 0,1, b has 2)"
+    assert gpus.usage(root)["owner"] == {"0": "a", "1": "a", "2": "b", "3": None}  # what the Board shows
     a.kill()
     a.wait()  # as kill -9 leaves it: launcher.json still names GPUs 0,1
     placed = gpus.place(me, 3, time.time(), start=started.append, gpus=["0", "1", "2", "3"])
