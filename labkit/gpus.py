@@ -83,6 +83,7 @@ def snapshot(runs_root: Path, exclude: str | None = None) -> Snapshot:
     held: dict[str, list[str]] = {}
     queue = []
     host = socket.gethostname()
+    liveness.rescan()  # decisions under the lock see the processes as they are now
     for path in sorted(runs_root.glob(f"*/{liveness.LAUNCHER}")):
         name = path.parent.name
         info = runfiles.read_json(path)

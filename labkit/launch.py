@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -218,27 +219,31 @@ def launch(config: RunConfig | str | Path, overwrite: bool = False, backend: str
         except slurm.SlurmError as e:  # the run dir must not stay `pending` for a job that never was
             runfiles.update_status(run_dir, state="failed", error=f"not submitted: {e}", ended_at=time.time())
             raise
-    elif n_gpus == 0:
-        _start(cfg, run_dir, config_path, None, now)
+        return Run(run_dir)
+    run_id = uuid.uuid4().hex  # marks every process of this launch (liveness.run_processes)
+    if n_gpus == 0:
+        _start(cfg, run_dir, config_path, None, now, run_id)
     else:
-        gpus_mod.place(run_dir, n_gpus, now, start=lambda given: _start(cfg, run_dir, config_path, given, now),
-                       queue=lambda reason: _start_waiter(run_dir, n_gpus, now, reason), gpus=node)
+        gpus_mod.place(run_dir, n_gpus, now, gpus=node,
+                       start=lambda given: _start(cfg, run_dir, config_path, given, now, run_id),
+                       queue=lambda reason: _start_waiter(run_dir, n_gpus, now, reason, run_id))
     return Run(run_dir)
 
 
 def _start(cfg: RunConfig, run_dir: Path, config_path: Path, gpus: list[str] | None, queued_at: float,
-           exec_here: bool = False) -> None:
+           run_id: str, exec_here: bool = False) -> None:
     """Start the trainer (or, with `exec_here`, become it) and record where it runs in launcher.json."""
     d = cfg.distributed
     port = d.main_process_port if d.num_machines > 1 else free_port()
     cmd = launch_command(cfg, config_path, port=port)
     env = _child_env(d.cpu, gpus, single_node=d.num_machines == 1)
+    env[liveness.RUN_ENV] = run_id
     if d.num_machines > 1 and d.main_process_ip:
         env[rendezvous.HOST_ENV] = d.main_process_ip  # machine 0 serves the store there only
     if rendezvous.HOST_ENV in env and cmd[1:3] == ["-m", "accelerate.commands.launch"]:
         cmd[2] = "labkit.rendezvous"  # the same launcher, its rendezvous store bound to that address
     info = {"backend": "local", "host": socket.gethostname(), "node": socket.gethostname(), "job_id": None,
-            "gpus": gpus, "gpus_needed": len(gpus) if gpus else 0, "port": port, "queued_at": queued_at,
+            "run_id": run_id, "gpus": gpus, "gpus_needed": len(gpus) if gpus else 0, "port": port, "queued_at": queued_at,
             "launched_at": queued_at, "started_at": time.time(), "cwd": os.getcwd(), "command": cmd,
             "env": {k: env[k] for k in ("CUDA_VISIBLE_DEVICES", "MASTER_ADDR") if k in env}}
     if exec_here:
@@ -258,12 +263,13 @@ def _start(cfg: RunConfig, run_dir: Path, config_path: Path, gpus: list[str] | N
         **info, "pid": proc.pid, "pgid": proc.pid, "pid_start": liveness.start_time(proc.pid)})
 
 
-def _start_waiter(run_dir: Path, n_gpus: int, queued_at: float, reason: str) -> None:
+def _start_waiter(run_dir: Path, n_gpus: int, queued_at: float, reason: str, run_id: str) -> None:
     """A detached process that waits for the run's GPUs and then becomes its trainer (`_wait_and_start`):
     it survives a notebook restart, and killing it (Run.kill) takes the run out of the queue."""
     cmd = [sys.executable, "-m", "labkit.launch", "--start-queued", str(run_dir.resolve())]
     env = _child_env(single_node=False)  # the trainer's own environment is made when it starts
     env.update({k: v for k, v in os.environ.items() if k == gpus_mod.GPUS_ENV})  # the waiter schedules
+    env[liveness.RUN_ENV] = run_id
     with (run_dir / LOG).open("ab") as log:
         log.write(f"[labkit] queued: {reason}\n".encode())
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -271,7 +277,7 @@ def _start_waiter(run_dir: Path, n_gpus: int, queued_at: float, reason: str) -> 
     _children[run_dir.resolve()] = proc
     runfiles.write_json_atomic(run_dir / LAUNCHER, {
         "backend": "local", "host": socket.gethostname(), "node": socket.gethostname(), "job_id": None,
-        "gpus": None, "gpus_needed": n_gpus, "queued_at": queued_at, "launched_at": queued_at,
+        "run_id": run_id, "gpus": None, "gpus_needed": n_gpus, "queued_at": queued_at, "launched_at": queued_at,
         "pending_reason": reason, "cwd": os.getcwd(), "command": cmd,
         "pid": proc.pid, "pgid": proc.pid, "pid_start": liveness.start_time(proc.pid)})
 
@@ -308,7 +314,7 @@ def _wait_and_start(run_dir: Path, poll: float = 1.0) -> int:
         # (it is not inherited), which releases the lock.
         gpus_mod.place(run_dir, n, queued_at, queue=record,
                        start=lambda given: _start(cfg, run_dir, run_dir / "config.yaml", given, queued_at,
-                                                  exec_here=True))
+                                                  info["run_id"], exec_here=True))
         time.sleep(poll)
 
 
@@ -483,18 +489,23 @@ class Run:
                                "or stop it with a STOP file (Run.stop)")
         pgid, pid = launcher.get("pgid"), status.get("pid")
         for sig in (signal.SIGTERM, signal.SIGKILL):
+            liveness.rescan()
             if not self.is_alive():
                 break  # and never signal a recycled pid: it is someone else's process now
-            try:
-                if pgid:
-                    os.killpg(pgid, sig)
-                elif pid:
-                    os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+            # The launcher's group, and processes of this launch outside it (torchrun's workers have
+            # sessions of their own: orphaned by a dead launcher, only their mark finds them).
+            targets = [(os.killpg, pgid)] if pgid and liveness.group_alive(pgid, launcher.get("pid_start")) else \
+                [] if pgid else [(os.kill, pid)]
+            targets += [(os.kill, p) for p in liveness.run_processes(launcher.get("run_id"), max_age=0)]
+            for send, ident in targets:
+                try:
+                    send(ident, sig)
+                except (ProcessLookupError, TypeError):
+                    pass
             end = time.time() + (grace if sig == signal.SIGTERM else 10)
             while time.time() < end and self.is_alive():
                 time.sleep(0.2)
+                liveness.rescan()
             if not self.is_alive():
                 break
         status = runfiles.read_status(self.dir)

@@ -26,6 +26,7 @@ LAUNCHER = "launcher.json"
 # launch() writes status.json (pending) a moment before launcher.json: a run in that window is alive.
 LAUNCH_WINDOW_S = 10.0
 DIED = "died at step"  # how the error of a dead run begins
+RUN_ENV = "LABKIT_RUN_ID"  # set for every process of a local launch (see run_processes)
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -115,6 +116,46 @@ def group_alive(pgid: int | None, leader_start: int | None = None) -> bool:
     return ticks == int(leader_start)
 
 
+_scan: tuple[float, dict[str, list[int]]] = (0.0, {})
+
+
+def run_processes(run_id: str | None, max_age: float = 1.0) -> list[int]:
+    """Live processes carrying `LABKIT_RUN_ID=run_id` in their environment: every process a launch
+    started, however it was spawned. torchrun starts each worker in a session of its own, so after
+    a kill -9 of the launcher its workers live on outside the launcher's process group (holding
+    their GPUs); this finds them. One scan of /proc serves all runs for `max_age` seconds."""
+    global _scan
+    if not run_id or not has_proc():
+        return []
+    taken, table = _scan
+    if time.monotonic() - taken > max_age:
+        needle = f"{RUN_ENV}=".encode()
+        table = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                data = Path(f"/proc/{entry.name}/environ").read_bytes()
+            except OSError:
+                continue
+            at = data.find(needle)
+            while at > 0 and data[at - 1] != 0:  # only at the start of an entry
+                at = data.find(needle, at + 1)
+            if at < 0 or start_time(int(entry.name)) is None:
+                continue
+            end = data.find(b"\0", at)
+            value = data[at + len(needle): end if end >= 0 else None].decode(errors="replace")
+            table.setdefault(value, []).append(int(entry.name))
+        _scan = (time.monotonic(), table)
+    return list(table.get(run_id, []))
+
+
+def rescan() -> None:
+    """Make the next run_processes() read /proc again."""
+    global _scan
+    _scan = (0.0, {})
+
+
 def group_members(pgid: int) -> list[int]:
     """Pids of the processes in group `pgid` (from /proc)."""
     out = []
@@ -162,7 +203,7 @@ def alive(run_dir: str | Path, launcher: dict[str, Any] | None = None,
     if launcher.get("host") not in (None, socket.gethostname()):
         return None
     if launcher.get("pgid"):
-        return group_alive(launcher["pgid"], launcher.get("pid_start"))
+        return group_alive(launcher["pgid"], launcher.get("pid_start")) or bool(run_processes(launcher.get("run_id")))
     if status.get("state") == "pending" and time.time() - (status.get("launched_at") or 0) < LAUNCH_WINDOW_S:
         return True  # launch() is between writing status.json and launcher.json
     # A trainer started some other way (`python -m labkit.train`, a test) has only its status.json.

@@ -17,7 +17,7 @@ import pytest
 from labkit import gpus, runfiles, sweep
 from labkit.config import ConfigError, RunConfig
 from labkit.launch import Run, launch, runs
-from labkit.liveness import group_members, start_time
+from labkit.liveness import run_processes, start_time
 
 TINY = dict(model="tiny", datasets=["skills"], effective_batch_size=8, max_tokens_per_device=512, max_seq_len=128,
             learning_rate=1e-3, seed=3, save_final=False, keep_checkpoints=1)
@@ -143,8 +143,8 @@ class GpuWatch(threading.Thread):
         while not self.done.wait(0.2):
             owner: dict[str, str] = {}
             for path in self.root.glob("*/launcher.json"):
-                pgid = runfiles.read_json(path).get("pgid")
-                for pid in group_members(pgid) if pgid else []:
+                # Every process of the launch: torchrun's workers run in sessions of their own.
+                for pid in run_processes(runfiles.read_json(path).get("run_id"), max_age=0):
                     cvd = _cvd(pid)
                     if not cvd or start_time(pid) is None:
                         continue
@@ -197,7 +197,10 @@ def test_six_runs_of_1_1_2_2_1_4_gpus_share_four_gpus_and_all_finish(tmp_path, t
     assert Run(root / names[5]).placement()["gpus_needed"] == 4
 
     killed_at = time.time()
-    os.killpg(hog.launcher()["pgid"], signal.SIGKILL)  # the whole run, as `kill -9 -PGID` does
+    hog_processes = run_processes(hog.launcher()["run_id"], max_age=0)
+    assert len(hog_processes) >= 5  # the launcher and its four workers
+    for pid in hog_processes:  # the whole run, with -9
+        os.kill(pid, signal.SIGKILL)
     sweeping.join(timeout=900)
     watch.done.set()
     watch.join()

@@ -121,3 +121,31 @@ def test_effective_state_is_the_one_function_for_other_views(tmp_path, stranger)
     assert effective_state(run_dir) == "failed" and effective_status(run_dir)["step"] == 7
     runfiles.update_status(run_dir, state="finished")
     assert effective_state(run_dir) == "finished"
+
+
+@pytest.mark.slow
+def test_workers_orphaned_by_a_killed_launcher_keep_the_run_alive_until_kill_ends_them(tmp_path, tiny_dir,
+                                                                                    monkeypatch):
+    # torchrun starts every worker in a session of its own: a kill -9 of the launcher leaves them running.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    from labkit.config import RunConfig
+    from labkit.liveness import run_processes, start_time
+
+    run = launch(RunConfig(**{**TINY, "distributed": {"cpu": True, "num_processes": 2}}, name="orphans",
+                           epochs=20, runs_root=str(tmp_path / "runs")))
+    try:
+        wait_for(lambda: len(run.metrics()) >= 1, what=f"'orphans' to train:\n{run.tail()}")
+        launcher = run.launcher()
+        os.kill(launcher["pgid"], signal.SIGKILL)
+        time.sleep(1)
+        workers = run_processes(launcher["run_id"], max_age=0)
+        assert len(workers) == 2 and launcher["pgid"] not in workers
+        assert Run(run.dir).is_alive() and Run(run.dir).status()["state"] == "running"
+        assert run.kill(grace=2)["state"] == "stopped"
+        assert run_processes(launcher["run_id"], max_age=0) == []
+        assert all(start_time(p) is None for p in workers)  # gone (or zombies, if nobody reaps orphans here)
+    finally:
+        for r in runs(tmp_path / "runs"):
+            if r.is_alive():
+                r.kill(grace=2)
+
