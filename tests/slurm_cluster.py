@@ -103,6 +103,12 @@ def slurm_cluster(tmp_path_factory):
         yield {"dir": d, "conf": conf, "node": node, "env": env}
     finally:
         subprocess.run(["scancel", "--full", "--partition=test"], env=env, capture_output=True)
+        deadline = time.time() + 30  # jobs' slurmstepd outlive a shutdown: let them end first
+        while time.time() < deadline:
+            out = subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True)
+            if out.returncode or not out.stdout.strip():
+                break
+            time.sleep(0.5)
         subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True, timeout=60)
         time.sleep(1)
         for pidfile in ("slurmd.pid", "slurmctld.pid", "munged.pid"):
