@@ -51,6 +51,21 @@ class Distributed(_Strict):
     accelerate_config: str | None = None  # a file under templates/accelerate/ or any path
 
 
+class Slurm(_Strict):
+    """Where a run goes on a Slurm cluster (`labkit run --on slurm`, labkit.slurm). Fields left unset
+    come from the cluster profile (`LABKIT_SLURM_PROFILE`, default ~/.config/labkit/slurm.yaml)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None  # sbatch --time, e.g. "24:00:00"
+    gpus_per_node: int | None = Field(default=None, ge=0)  # default: num_processes / num_machines
+    cpus_per_task: int | None = Field(default=None, ge=1)
+    mem: str | None = None  # sbatch --mem, e.g. "64G"
+    sbatch_args: list[str] = Field(default_factory=list)  # more options, e.g. ["--constraint=h100"]
+    setup: list[str] = Field(default_factory=list)  # shell lines before training (module load ...)
+
+
 class EarlyStop(_Strict):
     """Rules under which the trainer stops itself (it also stops when a STOP file appears)."""
 
@@ -119,6 +134,7 @@ class RunConfig(_Strict):
 
     distributed: Distributed = Field(default_factory=Distributed)
     early_stop: EarlyStop = Field(default_factory=EarlyStop)
+    slurm: Slurm = Field(default_factory=Slurm)
     tags: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("name")

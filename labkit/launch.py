@@ -18,13 +18,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from labkit import runfiles
+from labkit import gpus as gpus_mod
+from labkit import liveness, rendezvous, runfiles, slurm
 from labkit.config import ConfigError, RunConfig, load_config
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "templates"
 LAUNCHER = "launcher.json"
 LOG = "train.log"
-DIED = "process exited without a final status (see train.log)"
+DIED = liveness.DIED
 
 # Popen objects of the runs this interpreter started: a child that exited stays a zombie (and looks
 # alive to os.kill) until it is reaped, so for our own children we ask Popen.poll instead.
@@ -119,11 +120,29 @@ def _accelerate_distributed_type(path: Path) -> str | None:
     return str(data.get("distributed_type")) if isinstance(data, dict) and data.get("distributed_type") else None
 
 
-def _child_env(cpu: bool = False) -> dict[str, str]:
+def _loopback_interface() -> str:
+    names = [name for _, name in socket.if_nameindex()]
+    return next((n for n in ("lo", "lo0") if n in names), "lo")
+
+
+def _child_env(cpu: bool = False, gpus: list[str] | None = None, single_node: bool = True) -> dict[str, str]:
+    """The trainer's environment: its own GPUs (`gpus`), this checkout importable, and for runs on one
+    machine every rendezvous and collective socket on the loopback interface, so nothing listens on
+    the network (multi-machine runs bind where their config says)."""
     env = dict(os.environ)
     if cpu:
         # A CPU run on a GPU machine: hide the GPUs so the torchrun path cannot pick NCCL.
         env["CUDA_VISIBLE_DEVICES"] = ""
+    elif gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    env.pop(gpus_mod.GPUS_ENV, None)  # the trainer must not schedule again
+    env.pop(rendezvous.HOST_ENV, None)
+    if single_node:
+        env["MASTER_ADDR"] = "127.0.0.1"
+        env[rendezvous.HOST_ENV] = "127.0.0.1"  # labkit.rendezvous binds torchelastic's store there
+        loopback = _loopback_interface()
+        env["GLOO_SOCKET_IFNAME"] = loopback
+        env.setdefault("NCCL_SOCKET_IFNAME", loopback)
     # The trainer must import this labkit even when it is not installed (a checkout on PYTHONPATH).
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -133,6 +152,9 @@ def _child_env(cpu: bool = False) -> dict[str, str]:
 
 # -- launching -----------------------------------------------------------------------------------
 
+BACKENDS = ("local", "slurm")
+BACKEND_ENV = "LABKIT_BACKEND"
+
 
 def as_config(config: RunConfig | str | Path, overrides: dict[str, Any]) -> RunConfig:
     if isinstance(config, RunConfig):
@@ -140,18 +162,43 @@ def as_config(config: RunConfig | str | Path, overrides: dict[str, Any]) -> RunC
     return load_config(config, overrides)
 
 
-def launch(config: RunConfig | str | Path, overwrite: bool = False, **overrides: Any) -> Run:
+def launch(config: RunConfig | str | Path, overwrite: bool = False, backend: str | None = None,
+           **overrides: Any) -> Run:
     """Validate, write RUN_DIR/config.yaml and start training in the background; returns at once.
 
     Overrides are config fields (`name="lr3e-4"`, `**{"distributed.num_processes": 2}`). An existing run
     directory is continued when `resume` is set; otherwise it is emptied and reused when its run failed
     or stopped, or with `overwrite`. A live run is never touched.
+
+    `backend="local"` trains on this machine: a run that needs GPUs gets its own (labkit.gpus) and
+    waits, state `pending` with its `pending_reason`, while they are taken. `backend="slurm"` submits
+    the run as a Slurm job (labkit.slurm); the returned `Run` works the same on both. Default:
+    $LABKIT_BACKEND, else local (sweeps with `backend: slurm` set it for their run notebooks).
     """
+    backend = backend or os.environ.get(BACKEND_ENV) or "local"
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     cfg = as_config(config, overrides)
     problems = cfg.check()
-    if cfg.distributed.num_machines > 1 and not cfg.distributed.main_process_ip:
+    d = cfg.distributed
+    if backend == "local" and d.num_machines > 1 and not d.main_process_ip:
         problems.append("distributed.main_process_ip: multi-machine runs need machine 0's address "
-                        "(or use write_multinode for per-node scripts and Slurm)")
+                        "(or use backend='slurm', or write_multinode for per-node scripts)")
+    if d.num_processes % d.num_machines:
+        problems.append(f"distributed.num_processes ({d.num_processes}) is the total over all machines and "
+                        f"must divide evenly by distributed.num_machines ({d.num_machines})")
+    node = gpus_mod.node_gpus() if backend == "local" else []
+    n_gpus = gpus_mod.gpus_needed(d.num_processes, d.num_machines, d.cpu, node)
+    if n_gpus > len(node):
+        problems.append(f"distributed.num_processes: the run needs {n_gpus} GPUs, this node has {len(node)} "
+                        f"({','.join(node)}; {gpus_mod.GPUS_ENV} or CUDA_VISIBLE_DEVICES choose them)")
+    if backend == "slurm":
+        if not slurm.available():
+            problems.append("backend: slurm needs sbatch, squeue, scontrol and scancel on PATH (a Slurm login node)")
+        try:
+            slurm.options(cfg)
+        except ConfigError as e:
+            problems.append(str(e))
     if problems:
         raise ConfigError("\n  - ".join([f"run {cfg.name!r} cannot start:", *problems]))
     run_dir = cfg.run_dir
@@ -169,49 +216,119 @@ def launch(config: RunConfig | str | Path, overwrite: bool = False, **overrides:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = cfg.save(run_dir / "config.yaml")
     (run_dir / runfiles.STOP).unlink(missing_ok=True)
+    (run_dir / LAUNCHER).unlink(missing_ok=True)  # an old run's placement must not count as this one's
     now = time.time()
     runfiles.write_json_atomic(run_dir / runfiles.STATUS, {
         "state": "pending", "pid": None, "step": 0, "samples": 0, "total_steps": None, "total_samples": None,
         "started_at": None, "updated_at": now, "ended_at": None, "error": None, "stop_reason": None,
         "launched_at": now})
 
-    port = cfg.distributed.main_process_port if cfg.distributed.num_machines > 1 else free_port()
+    if backend == "slurm":
+        try:
+            slurm.submit(cfg, config_path, _slurm_command(cfg, config_path))
+        except slurm.SlurmError as e:  # the run dir must not stay `pending` for a job that never was
+            runfiles.update_status(run_dir, state="failed", error=f"not submitted: {e}", ended_at=time.time())
+            raise
+        return Run(run_dir)
+    run_id = uuid.uuid4().hex  # marks every process of this launch (liveness.run_processes)
+    if n_gpus == 0:
+        _start(cfg, run_dir, config_path, None, now, run_id)
+    else:
+        gpus_mod.place(run_dir, n_gpus, now, gpus=node,
+                       start=lambda given: _start(cfg, run_dir, config_path, given, now, run_id),
+                       queue=lambda reason: _start_waiter(run_dir, n_gpus, now, reason, run_id))
+    return Run(run_dir)
+
+
+def _start(cfg: RunConfig, run_dir: Path, config_path: Path, gpus: list[str] | None, queued_at: float,
+           run_id: str, exec_here: bool = False) -> None:
+    """Start the trainer (or, with `exec_here`, become it) and record where it runs in launcher.json."""
+    d = cfg.distributed
+    port = d.main_process_port if d.num_machines > 1 else free_port()
     cmd = launch_command(cfg, config_path, port=port)
+    env = _child_env(d.cpu, gpus, single_node=d.num_machines == 1)
+    env[liveness.RUN_ENV] = run_id
+    if d.num_machines > 1 and d.main_process_ip:
+        env[rendezvous.HOST_ENV] = d.main_process_ip  # machine 0 serves the store there only
+    if rendezvous.HOST_ENV in env and cmd[1:3] == ["-m", "accelerate.commands.launch"]:
+        cmd[2] = "labkit.rendezvous"  # the same launcher, its rendezvous store bound to that address
+    info = {"backend": "local", "host": socket.gethostname(), "node": socket.gethostname(), "job_id": None,
+            "run_id": run_id, "gpus": gpus, "gpus_needed": len(gpus) if gpus else 0, "port": port, "queued_at": queued_at,
+            "launched_at": queued_at, "started_at": time.time(), "cwd": os.getcwd(), "command": cmd,
+            "env": {k: env[k] for k in ("CUDA_VISIBLE_DEVICES", "MASTER_ADDR") if k in env}}
+    if exec_here:
+        # A queued run's waiter becomes the trainer: same pid and process group, so nothing changes hands.
+        runfiles.write_json_atomic(run_dir / LAUNCHER, {**Run(run_dir).launcher(), **info, "pending_reason": None})
+        sys.stdout.write(f"$ {shlex.join(cmd)}\n")
+        sys.stdout.flush()
+        os.execve(cmd[0], cmd, env)
     with (run_dir / LOG).open("ab") as log:
         log.write(f"$ {shlex.join(cmd)}\n".encode())
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=os.getcwd(), env=_child_env(cfg.distributed.cpu), start_new_session=True)
+                                cwd=os.getcwd(), env=env, start_new_session=True)
     _children[run_dir.resolve()] = proc
     # The trainer owns status.json from now on; what the launcher knows goes into its own file.
     runfiles.write_json_atomic(run_dir / LAUNCHER, {
-        "pid": proc.pid, "pgid": proc.pid, "host": socket.gethostname(), "launched_at": now,
-        "cwd": os.getcwd(), "command": cmd})
-    return Run(run_dir)
+        **info, "pid": proc.pid, "pgid": proc.pid, "pid_start": liveness.start_time(proc.pid)})
+
+
+def _start_waiter(run_dir: Path, n_gpus: int, queued_at: float, reason: str, run_id: str) -> None:
+    """A detached process that waits for the run's GPUs and then becomes its trainer (`_wait_and_start`):
+    it survives a notebook restart, and killing it (Run.kill) takes the run out of the queue."""
+    cmd = [sys.executable, "-m", "labkit.launch", "--start-queued", str(run_dir.resolve())]
+    env = _child_env(single_node=False)  # the trainer's own environment is made when it starts
+    env.update({k: v for k, v in os.environ.items() if k == gpus_mod.GPUS_ENV})  # the waiter schedules
+    env[liveness.RUN_ENV] = run_id
+    with (run_dir / LOG).open("ab") as log:
+        log.write(f"[labkit] queued: {reason}\n".encode())
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=os.getcwd(), env=env, start_new_session=True)
+    _children[run_dir.resolve()] = proc
+    runfiles.write_json_atomic(run_dir / LAUNCHER, {
+        "backend": "local", "host": socket.gethostname(), "node": socket.gethostname(), "job_id": None,
+        "run_id": run_id, "gpus": None, "gpus_needed": n_gpus, "queued_at": queued_at, "launched_at": queued_at,
+        "pending_reason": reason, "cwd": os.getcwd(), "command": cmd,
+        "pid": proc.pid, "pgid": proc.pid, "pid_start": liveness.start_time(proc.pid)})
+
+
+def _wait_and_start(run_dir: Path, poll: float = 1.0) -> int:
+    """The waiter's loop: start when `labkit.gpus.place` gives the run its GPUs; a STOP file ends it."""
+    run_dir = Path(run_dir)
+    deadline = time.time() + 30
+    while Run(run_dir).launcher().get("pid") != os.getpid():  # launch() records us just after we start
+        if time.time() > deadline:
+            print(f"[labkit] {run_dir}: launcher.json does not name this waiter; giving up", flush=True)
+            return 1
+        time.sleep(0.05)
+    cfg = load_config(run_dir / "config.yaml")
+    info = Run(run_dir).launcher()
+    n, queued_at = int(info["gpus_needed"]), float(info["queued_at"])
+    last_reason = info.get("pending_reason")
+    while True:
+        stop = run_dir / runfiles.STOP
+        if stop.exists():
+            reason = stop.read_text().strip() or "stop requested"
+            runfiles.update_status(run_dir, state="stopped", stop_reason=f"{reason} (while queued)",
+                                   ended_at=time.time())
+            print(f"[labkit] stopped while queued: {reason}", flush=True)
+            return 0
+
+        def record(reason: str) -> None:
+            nonlocal last_reason
+            if reason != last_reason:
+                runfiles.write_json_atomic(run_dir / LAUNCHER, {**Run(run_dir).launcher(), "pending_reason": reason})
+                last_reason = reason
+
+        # Becomes the trainer inside the lock, once the GPUs are recorded: exec closes the lock file
+        # (it is not inherited), which releases the lock.
+        gpus_mod.place(run_dir, n, queued_at, queue=record,
+                       start=lambda given: _start(cfg, run_dir, run_dir / "config.yaml", given, queued_at,
+                                                  info["run_id"], exec_here=True))
+        time.sleep(poll)
 
 
 # -- a run, from its directory ---------------------------------------------------------------------
-
-
-def _signal_reaches(send: Callable[[int, int], None], ident: int | None) -> bool:
-    """Signal 0 probes a process (os.kill) or process group (os.killpg) without touching it."""
-    if not ident:
-        return False
-    try:
-        send(ident, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
-def _pid_alive(pid: int | None) -> bool:
-    return _signal_reaches(os.kill, pid)
-
-
-def _group_alive(pgid: int | None) -> bool:
-    return _signal_reaches(os.killpg, pgid)
 
 
 class Run:
@@ -244,28 +361,34 @@ class Run:
     # -- liveness ----------------------------------------------------------------------------------
 
     def is_alive(self) -> bool:
-        """Whether any process of this run still exists (on this host)."""
+        """Whether any process of this run still exists (this host; a Slurm job that is pending or running).
+        A run on another host, not visible from here, is alive while its status says so."""
         child = _children.get(self.dir.resolve())
         if child is not None and child.poll() is None:
             return True
-        launcher = self.launcher()
         status = runfiles.read_status(self.dir)
-        if launcher.get("host") not in (None, socket.gethostname()):
-            # Started on another machine: its processes are not ours to see, so trust its status.
-            return status.get("state") in ("running", "pending")
-        if _group_alive(launcher.get("pgid")):
-            return True
-        if not launcher and status.get("state") == "pending" and time.time() - (status.get("launched_at") or 0) < 10:
-            return True  # launch() is between writing status.json and launcher.json
-        # A trainer started some other way (`python -m labkit.train`, a test) has only its pid.
-        return status.get("state") == "running" and _pid_alive(status.get("pid"))
+        found = liveness.alive(self.dir, self.launcher(), status)
+        return status.get("state") in ("running", "pending") if found is None else found
 
     def status(self) -> dict[str, Any]:
-        """status.json, except that a running/pending run whose processes are gone reads as failed."""
-        status = runfiles.read_status(self.dir)
-        if status.get("state") in ("running", "pending") and not self.is_alive():
-            status = {**status, "state": "failed", "error": DIED}
-        return status
+        """status.json, except that a running/pending run whose processes are gone reads as failed (with
+        `died`, see labkit.liveness); with `placement` (where it runs) and, while queued, `pending_reason`."""
+        return {**liveness.effective_status(self.dir), "placement": self.placement()}
+
+    def placement(self) -> dict[str, Any]:
+        """Where the run is placed: `backend` (local/slurm), `node`, `gpus`, `job_id`, `port`, and while
+        it waits `pending_reason` (from launcher.json; the Slurm backend adds the job's state)."""
+        info = self.launcher()
+        keys = ("backend", "node", "gpus", "gpus_needed", "job_id", "port", "queued_at", "started_at",
+                "pending_reason", "nodes", "partition")
+        out = {k: info.get(k) for k in keys}
+        out["backend"] = out["backend"] or ("local" if info else None)
+        if out["backend"] == "slurm":
+            job = runfiles.read_json(self.dir / "slurm-job.json")  # written by the job where it runs
+            out.update({k: job[k] for k in ("node", "nodes", "gpus") if job.get(k)})
+            if isinstance(out["gpus"], str):
+                out["gpus"] = out["gpus"].split(",")
+        return out
 
     def state(self) -> str | None:
         return self.status().get("state")
@@ -362,27 +485,58 @@ class Run:
         if status.get("state") in runfiles.FINAL_STATES:
             return self.status()  # nothing to kill; its old pids may belong to other processes by now
         launcher = self.launcher()
+        if launcher.get("backend") == "slurm":
+            slurm.cancel(launcher["job_id"])
+            end = time.time() + grace + 30
+            while time.time() < end and self.is_alive():
+                time.sleep(0.5)
+            status = runfiles.read_status(self.dir)
+            if status.get("state") not in runfiles.FINAL_STATES:
+                status = runfiles.update_status(self.dir, state="stopped", stop_reason=reason, ended_at=time.time())
+            return status
         if launcher.get("host") not in (None, socket.gethostname()):
             raise RuntimeError(f"run {self.name!r} was started on {launcher['host']}: kill it there, "
                                "or stop it with a STOP file (Run.stop)")
         pgid, pid = launcher.get("pgid"), status.get("pid")
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                if pgid:
-                    os.killpg(pgid, sig)
-                elif pid:
-                    os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+            liveness.rescan()
+            if not self.is_alive():
+                break  # and never signal a recycled pid: it is someone else's process now
+            # The launcher's group, and processes of this launch outside it (torchrun's workers have
+            # sessions of their own: orphaned by a dead launcher, only their mark finds them).
+            targets = [(os.killpg, pgid)] if pgid and liveness.group_alive(pgid, launcher.get("pid_start")) else \
+                [] if pgid else [(os.kill, pid)]
+            targets += [(os.kill, p) for p in liveness.run_processes(launcher.get("run_id"), max_age=0)]
+            for send, ident in targets:
+                try:
+                    send(ident, sig)
+                except (ProcessLookupError, TypeError):
+                    pass
             end = time.time() + (grace if sig == signal.SIGTERM else 10)
             while time.time() < end and self.is_alive():
                 time.sleep(0.2)
+                liveness.rescan()
             if not self.is_alive():
                 break
         status = runfiles.read_status(self.dir)
         if status.get("state") not in runfiles.FINAL_STATES:
             status = runfiles.update_status(self.dir, state="stopped", stop_reason=reason, ended_at=time.time())
         return status
+
+
+def _slurm_command(cfg: RunConfig, config_path: Path) -> str:
+    """The shell line every node of a Slurm job runs: `accelerate launch` with its machine rank from
+    Slurm and machine 0's address (the job's first host) for the rendezvous; GPUs as Slurm gave them."""
+    d = cfg.distributed
+    multi = d.num_machines > 1
+    cmd = launch_command(cfg, config_path, port=d.main_process_port if multi else None,
+                         machine_rank="@RANK@" if multi else None, main_ip="@IP@" if multi else None,
+                         cuda=bool(slurm.options(cfg).gpus_per_node) and not d.cpu)
+    if not multi and "--main_process_port" in cmd:
+        cmd[cmd.index("--main_process_port") + 1] = "0"  # any free port: several jobs may share a node
+    if not multi and cmd[1:3] == ["-m", "accelerate.commands.launch"]:
+        cmd[2] = "labkit.rendezvous"  # its store on loopback, as for local runs (the script sets the host)
+    return shlex.join(cmd).replace("@RANK@", "$SLURM_NODEID").replace("@IP@", "$MAIN_IP")
 
 
 def runs(root: str | Path = "runs") -> list[Run]:
@@ -404,11 +558,13 @@ def overview(root: str | Path = "runs", early: bool = True, store: Store | None 
     over the first 100 steps from `labkit.store` (higher is better; see `Store.early_dynamics`).
     `store`: a Store of `root` to reuse (a new one otherwise)."""
     rows = []
+    columns = ["name", "state", "step", "total_steps", "samples", "loss", "where", "reason"]
     for run in runs(root):
         s = run.status()
         rows.append({"name": run.name, "state": s.get("state"), "step": s.get("step"),
-                     "total_steps": s.get("total_steps"), "samples": s.get("samples"), "loss": s.get("loss")})
-    df = pd.DataFrame(rows, columns=["name", "state", "step", "total_steps", "samples", "loss"])
+                     "total_steps": s.get("total_steps"), "samples": s.get("samples"), "loss": s.get("loss"),
+                     "where": where(s["placement"]), "reason": s.get("pending_reason")})
+    df = pd.DataFrame(rows, columns=columns)
     if early and len(df):
         if store is None:
             from labkit.store import Store
@@ -417,6 +573,18 @@ def overview(root: str | Path = "runs", early: bool = True, store: Store | None 
         scores = store.early_dynamics()[["run_id", "early_score"]].rename(columns={"run_id": "name"})
         df = df.merge(scores, how="left", on="name")
     return df
+
+
+def where(placement: dict[str, Any]) -> str | None:
+    """A placement in a few words: `node1 gpu 0,1`, `slurm job 42 on node1`, `queued for 2 GPUs`."""
+    p = placement
+    gpus = f"gpu {','.join(map(str, p['gpus']))}" if p.get("gpus") else None
+    if p.get("backend") == "slurm":
+        return " ".join(filter(None, [f"slurm job {p.get('job_id')}", f"on {p['node']}" if p.get("node") else None,
+                                      gpus]))
+    if p.get("backend") == "local" and p.get("gpus_needed") and not p.get("gpus"):
+        return f"queued for {p['gpus_needed']} GPU{'s' if p['gpus_needed'] > 1 else ''}"
+    return " ".join(filter(None, [p.get("node"), gpus])) or None
 
 
 def get(run: str | Path | Run, root: str | Path = "runs") -> Run:
@@ -484,3 +652,17 @@ def write_multinode(cfg: RunConfig, out_dir: str | Path, gpus_per_node: int | No
         "log": cfg.run_dir.resolve() / "slurm-%j.log", "command": line.replace("'", "'\\''")}))
     written.append(sbatch)
     return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m labkit.launch", description="labkit's launcher, internal use.")
+    ap.add_argument("--start-queued", metavar="RUN_DIR", required=True,
+                    help="wait for the run's GPUs, then become its trainer (launch() starts this)")
+    args = ap.parse_args(argv)
+    return _wait_and_start(Path(args.start_queued))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

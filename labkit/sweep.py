@@ -22,15 +22,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import keyword
 import math
 import os
 import re
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -107,7 +110,10 @@ class SweepSpec(BaseModel):
     base: str | dict[str, Any]
     axes: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
     runs: list[dict[str, Any]] = Field(default_factory=list)
-    concurrency: int = Field(default=2, ge=1)
+    # Runs at once; null: all of them (on GPUs, labkit.gpus then starts each when its GPUs are free).
+    concurrency: int | None = Field(default=2, ge=1)
+    # Where the runs train: this machine, or one Slurm job per run (labkit.slurm).
+    backend: Literal["local", "slurm"] = "local"
     early_termination: EarlyTermination | None = None
     notebook: str = DEFAULT_NOTEBOOK
     runs_root: str | None = None
@@ -121,7 +127,46 @@ class SweepSpec(BaseModel):
             raise ValueError(f"name {self.name!r}: use letters, digits, '.', '_' and '-'")
         if not self.axes and not self.runs:
             raise ValueError("nothing to run: give 'axes' and/or 'runs'")
+        check_parameters(self.parameters)
         return self
+
+
+# Set by the sweep for every run's notebook; a spec must not change them.
+SWEEP_PARAMETERS = ("config_path", "overrides", "runs_root", "interactive", "wait")
+
+
+def check_parameters(params: dict[str, Any], where: str = "parameters") -> dict[str, Any]:
+    """Notebook parameters as plain data, or a ValueError naming the bad entry.
+
+    papermill writes each parameter into the notebook as `name = literal`: the name is pasted as
+    code, so it must be an identifier, and a value must be JSON data (str, number, bool, null,
+    lists, mappings with string keys) that papermill can only write as a literal.
+    """
+    for name, value in params.items():
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+            raise ValueError(f"{where}: {name!r} is not a valid parameter name (a Python identifier: "
+                             "letters, digits and '_')")
+        if name in SWEEP_PARAMETERS:
+            raise ValueError(f"{where}.{name}: set by the sweep for every run; change the run config instead")
+        _check_data(value, f"{where}.{name}")
+    return params
+
+
+def _check_data(value: Any, where: str) -> None:
+    if value is None or isinstance(value, bool | int | float | str):
+        return
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_data(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where}: mapping keys must be strings, got {k!r}")
+            _check_data(v, f"{where}.{k}")
+        return
+    raise ValueError(f"{where}: must be plain data (string, number, bool, null, list, mapping), "
+                     f"got {type(value).__name__}")
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -385,6 +430,11 @@ class Sweep:
         self._lock = threading.Lock()
         self.record: dict[str, Any] = {}
 
+    @property
+    def concurrency(self) -> int:
+        """Runs at once: the spec's concurrency, or all runs when it is null."""
+        return min(self.spec.concurrency or len(self.configs), len(self.configs))
+
     def save(self) -> None:
         with self._lock:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -403,7 +453,10 @@ class Sweep:
         et = spec.early_termination if early_termination and spec.early_termination else None
         if et is not None and not et.enabled:
             et = None
-        params = {**spec.parameters, **(parameters or {})}
+        try:
+            params = {**spec.parameters, **check_parameters(dict(parameters or {}))}
+        except ValueError as e:
+            raise SweepError(f"sweep {self.name}: {e}") from None
         self.dir.mkdir(parents=True, exist_ok=True)
         cfg_dir = self.dir / "configs"
         cfg_dir.mkdir(exist_ok=True)
@@ -422,7 +475,8 @@ class Sweep:
         if self.watcher:
             self.watcher.start()
         try:
-            with ThreadPoolExecutor(max_workers=spec.concurrency, thread_name_prefix="sweep") as pool:
+            with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="sweep") as pool, \
+                    _backend(spec.backend):
                 futures = [pool.submit(self._run_one, c, cfg_dir / f"{c.name}.yaml", params) for c in self.configs]
                 results = [f.result() for f in futures]
         finally:
@@ -447,7 +501,9 @@ class Sweep:
         if not notebook.is_absolute():
             notebook = ROOT / notebook
         # Runs at once share the cores: oversubscribed torch threads slow every run down a lot.
-        threads = max(1, (os.cpu_count() or 1) // min(self.spec.concurrency, len(self.configs)))
+        threads = max(1, (os.cpu_count() or 1) // self.concurrency)
+        if self.spec.backend == "slurm":
+            threads = None  # the jobs train elsewhere: this machine's cores are not theirs to share
         parameters = {"config_path": str(config_path.resolve()), "overrides": {}, "threads": threads,
                       "runs_root": str(self.runs_root.resolve()), "interactive": False, "wait": True, **params}
         t0 = time.time()
@@ -467,6 +523,22 @@ class Sweep:
                   else "failed", "notebook_error": error, "seconds": round(time.time() - t0, 1)}
         self.log(f"end   {cfg.name}: {result['state']} in {result['seconds']}s" + (f" ({error})" if error else ""))
         return result
+
+
+@contextmanager
+def _backend(backend: str) -> Iterator[None]:
+    """The backend every run notebook's `launch()` uses (it reads $LABKIT_BACKEND), for this sweep."""
+    from labkit.launch import BACKEND_ENV
+
+    old = os.environ.get(BACKEND_ENV)
+    os.environ[BACKEND_ENV] = backend
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = old
 
 
 def _short_error(e: Exception) -> str:

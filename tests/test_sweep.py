@@ -275,3 +275,72 @@ def test_labkit_sweep_dry_run_lists_the_runs(capsys):
     assert main(["sweep", str(spec), "--root", "/tmp/r", "--dry-run"]) == 0
     out = capsys.readouterr().out.split()
     assert "bs-lr__ebs64_lr1e-2" in out and "/tmp/r/bs-lr__ebs16_lr1e-3" in out
+
+
+# -- parameters reach the notebook as data, never as code ---------------------------------------
+
+HOSTILE = "1); import os; os.system('touch PWNED')#"
+
+
+@pytest.fixture
+def echo_notebook(tmp_path):
+    """A run notebook that only writes down the parameters it received (no training)."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                           "display_name": "Python 3"}})
+    params = nbformat.v4.new_code_cell("note = None\nnested = None\nconfig_path = None")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(
+        "import json, pathlib\n"
+        "out = pathlib.Path(config_path).parent.parent / 'received.json'\n"
+        "out.write_text(json.dumps({'note': note, 'type': type(note).__name__, 'nested': nested}))")]
+    path = tmp_path / "echo.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def hostile_spec(echo_notebook, parameters, tmp_path):
+    pwned = tmp_path / "PWNED"
+    params = {k.replace("PWNED", str(pwned)): (v.replace("PWNED", str(pwned)) if isinstance(v, str) else v)
+              for k, v in parameters.items()}
+    return {"name": "p", "base": TINY, "axes": {"seed": [1]}, "notebook": str(echo_notebook),
+            "parameters": params}, pwned
+
+
+def test_a_hostile_parameter_value_arrives_as_a_string_literal(tmp_path, echo_notebook):
+    spec, pwned = hostile_spec(echo_notebook, {"note": HOSTILE, "nested": {"k\"); x=(\"": [HOSTILE, "\\\"); #"]}},
+                               tmp_path)
+    sweep.run_sweep(spec, tmp_path / "runs", log=lambda _: None)
+    got = json.loads((tmp_path / "runs" / "sweeps" / "p" / "received.json").read_text())
+    assert got["type"] == "str" and got["note"] == HOSTILE.replace("PWNED", str(pwned))
+    assert got["nested"] == spec["parameters"]["nested"]
+    assert not pwned.exists()
+
+
+@pytest.mark.parametrize("parameters, named", [
+    ({"x = 1; import os; os.system('touch PWNED'); y": 1}, "is not a valid parameter name"),
+    ({"note": b"\"+__import__(chr(111)+chr(115)).system('touch PWNED')+\""}, "parameters.note: must be plain data"),
+    ({"nested": {"when": __import__("datetime").date(2024, 1, 1)}}, "parameters.nested.when: must be plain data"),
+    ({"config_path": "/etc/passwd"}, "parameters.config_path: set by the sweep"),
+])
+def test_a_parameter_that_is_not_plain_data_is_refused_before_anything_runs(tmp_path, echo_notebook,
+                                                                             parameters, named):
+    spec, pwned = hostile_spec(echo_notebook, parameters, tmp_path)
+    with pytest.raises(SweepError, match=named):
+        sweep.run_sweep(spec, tmp_path / "runs", log=lambda _: None)
+    assert not pwned.exists() and not (tmp_path / "runs" / "sweeps" / "p" / "received.json").exists()
+
+
+def test_yaml_binary_parameters_in_a_spec_file_are_refused_with_the_file_named(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nbase: templates/runs/demo.yaml\naxes: {seed: [1]}\n"
+                    "parameters:\n  note: !!binary aGVsbG8=\n")
+    with pytest.raises(SweepError, match=r"(?s)s.yaml.*parameters.note: must be plain data"):
+        sweep.load_spec(path)
+
+
+@pytest.mark.parametrize("template", sorted(p.name for p in (sweep.ROOT / "templates" / "sweeps").glob("*.yaml")))
+def test_sweep_templates_expand(template):
+    spec = sweep.load_spec(sweep.ROOT / "templates" / "sweeps" / template)
+    assert expand(spec, "/tmp/r") and spec.backend in ("local", "slurm")
