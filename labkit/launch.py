@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from labkit import runfiles
+from labkit import rundirs, runfiles
 from labkit.config import ConfigError, RunConfig, load_config
 
 if TYPE_CHECKING:
@@ -134,8 +133,8 @@ def launch(config: RunConfig | str | Path, overwrite: bool = False, **overrides:
     """Validate, write RUN_DIR/config.yaml and start training in the background; returns at once.
 
     Overrides are config fields (`name="lr3e-4"`, `**{"distributed.num_processes": 2}`). An existing run
-    directory is continued when `resume` is set; otherwise it is emptied and reused when its run failed
-    or stopped, or with `overwrite`. A live run is never touched.
+    directory is continued when `resume` is set, moved to RUNS/.trash/ with `overwrite`, and otherwise
+    refused (`labkit.rundirs.claim_run_dir`). A live run is never touched.
     """
     cfg = as_config(config, overrides)
     problems = cfg.check()
@@ -144,18 +143,8 @@ def launch(config: RunConfig | str | Path, overwrite: bool = False, **overrides:
                         "(or use write_multinode for per-node scripts and Slurm)")
     if problems:
         raise ConfigError("\n  - ".join([f"run {cfg.name!r} cannot start:", *problems]))
+    cfg = rundirs.claim_run_dir(cfg, overwrite=overwrite)  # never deletes a run: labkit/rundirs.py
     run_dir = cfg.run_dir
-    if (run_dir / "config.yaml").exists() or (run_dir / runfiles.STATUS).exists():
-        old = Run(run_dir)
-        state = old.status().get("state")
-        if old.is_alive():
-            raise ConfigError(f"{run_dir}: run {cfg.name!r} is still {state}; stop it first (Run.stop())")
-        if state not in ("failed", "stopped") and not cfg.resume and not overwrite:
-            raise ConfigError(f"{run_dir}: a {state or 'previous'} run is already there; pick another name, "
-                              "set resume=True to continue it, or pass overwrite=True to start over")
-        if not cfg.resume:
-            # A fresh start must not find the old run's checkpoints (a later resume would pick them up).
-            shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = cfg.save(run_dir / "config.yaml")
     (run_dir / runfiles.STOP).unlink(missing_ok=True)
