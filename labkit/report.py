@@ -149,8 +149,8 @@ def quiet():
 
 
 def execute(notebook: str | Path, out: str | Path, parameters: dict[str, Any] | None = None,
-            log_output: bool = False) -> Path:
-    """Run a notebook headless with papermill on a python3 kernel started in the repo root.
+            log_output: bool = False, cwd: str | Path | None = None) -> Path:
+    """Run a notebook headless with papermill on a python3 kernel started in `cwd` (default: the repo root).
 
     The kernel is started here rather than by papermill: papermill's `cwd` is a process-wide
     chdir, which threads running several notebooks at once would race on; labkit is made importable
@@ -166,7 +166,7 @@ def execute(notebook: str | Path, out: str | Path, parameters: dict[str, Any] | 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     km = KernelManager(kernel_name="python3")
-    km.start_kernel(cwd=str(ROOT), env=env, stderr=subprocess.DEVNULL)
+    km.start_kernel(cwd=str(cwd or ROOT), env=env, stderr=subprocess.DEVNULL)
     try:
         pm.execute_notebook(str(notebook), str(out), parameters=parameters or {}, kernel_name="python3", km=km,
                             progress_bar=False, log_output=log_output)
@@ -366,6 +366,15 @@ def sweep_heatmap(df, spec=None, values: tuple[str, ...] | None = None):
     if not charts:
         return alt.Chart(df).mark_text().properties(title="no values to show yet")
     return alt.hconcat(*charts).resolve_scale(color="independent") if len(charts) > 1 else charts[0]
+
+
+def sweep_title(spec, name: str | None = None) -> str:
+    """`bs_lr: effective batch size x learning rate (4 runs)`, from the spec's axes."""
+    from labkit.sweep import overrides_of
+
+    axes = [a.replace("_", " ") for a in spec.axes] or ["explicit runs"]
+    n = len(overrides_of(spec))
+    return f"{name or spec.name}: {' x '.join(axes)} ({n} run{'s' if n != 1 else ''})"
 
 
 def decisions_table(sweep_dir: str | Path):
@@ -586,6 +595,20 @@ def build_reports(root: str | Path = "runs", force: bool = False, show_code: boo
 
     swept, sweeps = _sweeps(root)
     runs = table.runs_table(root)
+    notes = {}
+    for name in runs["run"]:
+        st = runfiles.read_status(root / name)
+        notes[name] = str(st.get("stop_reason") or st.get("error") or "")
+    # A sweep's run that failed before training (bad config, missing data) has only its notebook.
+    lost = [n for n, info in swept.items() if n not in set(runs["run"]) and (root / n / "report.ipynb").is_file()]
+    if lost:
+        import pandas as pd
+
+        extra = pd.DataFrame({"run": lost, "state": [swept[n]["result"].get("state") or "failed" for n in lost],
+                              "cohort": [swept[n]["sweep"] for n in lost]})
+        runs = pd.concat([runs, extra], ignore_index=True) if len(runs) else extra.reindex(columns=runs.columns)
+        for n in lost:
+            notes[n] = swept[n]["result"].get("notebook_error") or notebook_error(root / n / "report.ipynb") or ""
     links = {d.name: p.relative_to(root).as_posix() for d, p in rendered.items() if d.parent == root}
     for s in sweeps:
         s["href"] = (rendered[s["dir"]].relative_to(root).as_posix() if s["dir"] in rendered else None)
@@ -595,7 +618,7 @@ def build_reports(root: str | Path = "runs", force: bool = False, show_code: boo
     env.filters["cell"] = _cell
     page = env.get_template("index.html.j2").render(
         root=str(root.resolve()), generated=time.strftime("%Y-%m-%d %H:%M:%S"), n_runs=len(runs),
-        runs_table=table.to_html(runs, links=links), early_help=table.EARLY_SCORE_HELP,
+        runs_table=table.to_html(runs, links=links, notes=notes), early_help=table.EARLY_SCORE_HELP,
         sweeps=sweeps, studies=studies)
     out = root / "index.html"
     tmp = out.with_name(".index.html.tmp")

@@ -278,9 +278,11 @@ NUMERIC = ("progress", "step", "early_score", "early_rank", "loss", "val_loss", 
 
 
 def to_html(df: pd.DataFrame, table_id: str = "runs", links: dict[str, str] | None = None,
-            script: bool = True, filter_box: bool = True) -> str:
-    """A sortable (click a header) and filterable (type words) HTML table; the script is inline."""
-    links = links or {}
+            notes: dict[str, str] | None = None, script: bool = True, filter_box: bool = True) -> str:
+    """A sortable (click a header) and filterable (type words) HTML table; the script is inline.
+
+    `links`: run -> report href; `notes`: run -> the state's tooltip (stop reason or error)."""
+    links, notes = links or {}, notes or {}
     head = "".join(f"<th>{html.escape(c)}</th>" for c in df.columns)
     body = []
     for _, r in df.iterrows():
@@ -291,7 +293,9 @@ def to_html(df: pd.DataFrame, table_id: str = "runs", links: dict[str, str] | No
             if c == "run" and links.get(str(v)):
                 text = f"<a href=\"{html.escape(links[str(v)])}\">{text}</a>"
             if c == "state" and text:
-                text = f"<span class=\"state {text}\">{text}</span>"
+                note = notes.get(str(r["run"])) if "run" in df.columns else None
+                tip = f" title=\"{html.escape(note)}\"" if note else ""
+                text = f"<span class=\"state {text}\"{tip}>{text}</span>"
             num = c in NUMERIC or (not isinstance(v, str) and isinstance(v, int | float) and not isinstance(v, bool))
             cls = " class=\"num\"" if num else ""
             cells.append(f"<td{cls} data-sort=\"{html.escape(_sort_key(v, c))}\">{text}</td>")
