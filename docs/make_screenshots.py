@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             monitor.wait_for()
             idle(page)
             deadline = time.time() + 300
-            while (Run(runs / "demo").status().get("step") or 0) < 60 and time.time() < deadline:
+            while (Run(runs / "demo").status().get("step") or 0) < int(os.environ.get("SHOT_STEP", 60)) \
+                    and time.time() < deadline:
                 time.sleep(1)
             time.sleep(3)  # the monitor polls every 2 s
             form.scroll_into_view_if_needed()
@@ -137,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
             lr.fill("0.01")
             lr.press("Enter")
             form.locator("button", has_text="Launch").click()
-            page.wait_for_timeout(2000)
+            try:
+                form.locator(".widget-html", has_text="launched as").first.wait_for(timeout=60_000)
+            except Exception:
+                page.screenshot(path=str(work.parent / "labkit-shots-failure.png"), full_page=True)
+                raise
             for name in ("demo", "demo-2"):
                 Run(runs / name).wait(timeout=900)
 

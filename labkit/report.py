@@ -252,7 +252,8 @@ def eval_table(run_dir: str | Path):
                              "metric": r["metric"], "score": r["value"], "± stderr": r["stderr"]})
         except ValueError:
             continue
-    return pd.DataFrame(rows, columns=["checkpoint", "samples", "task", "metric", "score", "± stderr"])
+    df = pd.DataFrame(rows, columns=["checkpoint", "samples", "task", "metric", "score", "± stderr"])
+    return df.set_index(["task", "metric"])
 
 
 def run_summary(run_dir: str | Path) -> dict[str, Any]:

@@ -83,6 +83,8 @@ def claim_run_dir(cfg: RunConfig, resume: bool = False, overwrite: bool = False,
     if not holds_run(run_dir):
         return cfg
     if _is_alive(run_dir):
+        if on_exists == "rename" and not resume and not overwrite:
+            return cfg.with_updates(name=unique_name(cfg.runs_root, cfg.name))  # leave the live run alone
         state = runfiles.read_status(run_dir).get("state") or "live"
         raise ConfigError(f"{run_dir}: run {cfg.name!r} is still {state}; stop it first (labkit stop {cfg.name})")
     if resume:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,8 @@ def runs_table(root: str | Path | None = None, columns: Sequence[str] | None = N
                **{c: r.get(c) for c in config_cols if c not in _ALL_NAMES},
                "loss": r.get("last_loss"), "val_loss": r.get("last_val_loss"),
                **{c: r.get(c) for c in evals},
-               "started": pd.Timestamp(started, unit="s", tz="UTC").tz_convert(None) if started else pd.NaT,
+               # Local wall-clock time, as people read it.
+               "started": pd.Timestamp(datetime.fromtimestamp(started)) if started else pd.NaT,
                "duration": ((now if live else ended or now) - started) if started else None}
         rows.append(row)
     df = pd.DataFrame(rows)

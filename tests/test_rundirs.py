@@ -98,3 +98,20 @@ def test_a_sweep_overwrite_moves_its_old_runs_aside(tmp_path, tiny_dir):
     run_sweep(spec, tmp_path, overwrite=True, log=lambda _: None)  # its one run fails fast: bad dataset
     [moved] = (tmp_path / rundirs.TRASH).glob("sw__a-*")
     assert (moved / "checkpoints" / "step-00000003" / "checkpoint.json").is_file()
+
+
+def test_a_live_run_of_the_same_name_is_left_alone(tmp_path):
+    import subprocess
+
+    cfg = old_run(tmp_path, "demo", "running")
+    proc = subprocess.Popen(["sleep", "60"])  # stands in for its trainer
+    try:
+        runfiles.update_status(cfg.run_dir, pid=proc.pid)
+        assert rundirs.claim_run_dir(cfg, on_exists="rename").name == "demo-2"  # the configurator
+        for kw in ({}, {"overwrite": True}, {"resume": True}):
+            with pytest.raises(ConfigError, match="is still running; stop it first"):
+                rundirs.claim_run_dir(cfg, **kw)
+        assert (cfg.run_dir / "checkpoints" / "step-00000003").is_dir() and not (tmp_path / rundirs.TRASH).exists()
+    finally:
+        proc.kill()
+        proc.wait()
