@@ -29,7 +29,7 @@ TAIL = ("cohort", "early_score", "early_rank", "loss", "val_loss")
 TIMES = ("started", "duration")
 SELECTED = "selected"  # the cohort name of runs picked by hand
 EARLY_SCORE_HELP = (
-    "early score: rank within its cohort (a sweep, or runs picked together) by grad norm and loss over "
+    "Early score: rank within its cohort (a sweep, or runs picked together) by grad norm and loss over "
     "the same first samples, 0..2, higher is better; the paper found lower early grad norm and higher "
     "early loss predict the better final model. Runs that have not reached the window are not ranked.")
 

@@ -415,14 +415,19 @@ class RunsTable(w.VBox):
         self.frame = df
         self._busy = True
         try:
+            chosen = self.sort.value
             options = list(df.columns)
-            if self.sort.value not in options:
-                options.append(self.sort.value)
-            self.sort.options = options
+            if chosen not in options:
+                options.append(chosen)
+            if list(self.sort.options) != options:
+                self.sort.options = options  # resets the value: put the user's choice back
+                self.sort.value = chosen
         finally:
             self._busy = False
         text = table.readable(df)
-        self.html.value = (text.to_html(index=False, border=0, classes="labkit-runs") if len(df)
+        grid = text.to_html(index=False, border=0, classes="labkit-runs").replace(
+            "<table", "<table style='white-space:nowrap;border-collapse:collapse;font-size:12px'", 1)
+        self.html.value = (f"<div style='overflow-x:auto;max-width:100%'>{grid}</div>" if len(df)
                            else "<i>no runs yet</i>")
         if len(df) and df["early_score"].notna().any():
             self.html.value += f"<div style='color:#666;font-size:12px'>{html.escape(table.EARLY_SCORE_HELP)}</div>"

@@ -83,7 +83,7 @@ def test_run_name_root_check_and_the_refusal_naming_resume_and_overwrite(config_
     assert "name: n1" in out and f"would start in {other / 'n1'}" in out and not other.exists()
 
     assert main(["run", str(config_file), "--name", "n1", "--root", str(other), "--set", "max_steps=2",
-                 "--wait"]) == 0
+                 "--set", "save_every_samples=8", "--wait"]) == 0
     first = Run(other / "n1")
     assert first.state() == "finished" and first.checkpoints()
     capsys.readouterr()
@@ -94,7 +94,7 @@ def test_run_name_root_check_and_the_refusal_naming_resume_and_overwrite(config_
     assert main(["run", str(config_file), "--name", "n1", "--root", str(other), "--check"]) == 2
     # --overwrite starts over and moves the old run aside instead of deleting it.
     assert main(["run", str(config_file), "--name", "n1", "--root", str(other), "--set", "max_steps=2",
-                 "--overwrite", "--wait"]) == 0
+                 "--set", "save_every_samples=8", "--overwrite", "--wait"]) == 0
     trashed = list((other / ".trash").glob("n1-*"))
     assert len(trashed) == 1 and (trashed[0] / "metrics.jsonl").is_file() and (trashed[0] / "checkpoints").is_dir()
     # --resume continues the run of that name.

@@ -178,3 +178,19 @@ def test_monitor_shows_lr_val_loss_throughput_memory_and_eta(tmp_path):
     text = stats_html(run.metrics(), status)
     assert "lr 3.00e-03" in text and "val loss 0.9" in text and "12,345 tokens/s" in text
     assert "peak mem 2,048 MB" in text and "ETA 50s" in text
+
+
+def test_runs_table_widget_keeps_the_chosen_sort_across_refreshes(tmp_path):
+    from labkit.widgets import RunsTable
+
+    fake_run(tmp_path, "a", steps=4)
+    fake_run(tmp_path, "b", steps=6)
+    t = RunsTable(tmp_path)
+    t.refresh()
+    t.sort.value = "step"
+    t.refresh()
+    assert t.sort.value == "step" and t.frame["run"].tolist() == ["b", "a"]
+    t.where.value = "step < 5"
+    assert t.frame["run"].tolist() == ["a"] and "<table" in t.html.value
+    t.columns.value = "no_such_field"
+    assert "no_such_field" in t.error.value
