@@ -157,7 +157,7 @@ overwrite = False  # delete this sweep's earlier runs first
 interactive = True
 """),
     code(SETUP + """
-from labkit import sweep
+from labkit import sweep, table
 """, "hide-input"),
     code("""
 spec = sweep.load_spec(paths.resolve(sweep_spec))
@@ -175,6 +175,7 @@ display(df.dropna(axis=1, how="all"))
     md("## Results"),
     code("""
 display(report.sweep_heatmap(df, spec))
+display(Markdown(f"*{table.EARLY_SCORE_HELP}*"))
 display(Markdown(report.sweep_markdown(sweep_dir)))
 display(report.decisions_table(sweep_dir))
 report.record("sweep", sweep.read_sweep(sweep_dir))
@@ -311,7 +312,7 @@ overwrite = True
 interactive = True
 """),
     code(SETUP + """
-from labkit import study, sweep, viz
+from labkit import study, sweep, table, viz
 """, "hide-input"),
     md("## 1. Batch size x learning rate, early termination on"),
     code("""
@@ -320,6 +321,7 @@ grid_df = sweep.run_sweep(grid, runs_root, parameters=parameters, overwrite=over
 grid_dir = sweep.sweep_dir(runs_root, grid.name)
 display(grid_df.dropna(axis=1, how="all"))
 display(report.sweep_heatmap(grid_df, grid))
+display(Markdown(f"*{table.EARLY_SCORE_HELP}*"))
 display(Markdown(report.sweep_markdown(grid_dir)))
 display(report.decisions_table(grid_dir))
 """),
