@@ -800,7 +800,8 @@ class Store:
         Columns: run_id, complete, reached, early_score, early_rank, grad_norm_mean, loss_mean.
         """
         cols = ["run_id", "complete", "reached", "early_score", "early_rank", "grad_norm_mean", "loss_mean"]
-        names = [r for r in dict.fromkeys(runs) if r in self.run_dirs()]
+        have = self.run_dirs()
+        names = [r for r in dict.fromkeys(runs) if r in have]
         if not names:
             return pd.DataFrame(columns=cols)
         kw = {"first_samples": first_samples} if first_samples is not None else {"first_steps": first_steps}
