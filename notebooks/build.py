@@ -355,10 +355,16 @@ store = Store(runs_root)
 store.sync()
 et = grid.early_termination
 window = first_samples or (et.budget if et and et.axis == "samples" else 256)
-early = store.early_dynamics(first_samples=window)
+cohort = [c.name for c in sweep.expand(grid, runs_root)]  # the grid's runs: one cohort, the same first samples
+early = store.cohort_early_scores(cohort, first_samples=window).sort_values("early_rank", na_position="last")
+display(Markdown(f"*{table.EARLY_SCORE_HELP}*"))
 display(early)
-display(viz.early_scatter(early, title=f"first {window} samples"))
-corr = store.correlate_early_with_final(task, metric)
+display(viz.early_scatter(early.dropna(subset=["early_score"]), title=f"first {window} samples"))
+try:
+    corr = store.correlate_early_with_final(task, metric, first_samples=window, runs=cohort)
+except KeyError as e:  # no evals of that task
+    corr = None
+    display(Markdown(f"No final scores to correlate with: {e.args[0]}"))
 display(corr)
 """),
     md("## Summary"),
