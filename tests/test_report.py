@@ -122,3 +122,19 @@ def test_any_run_dir_gets_a_report_cli_runs_included(tmp_path, tiny_dir, capsys)
     page = (run.dir / "report.html").read_text()
     assert "cli-run" in page and "vegaEmbed(" in page and "finished" in page
     assert run.state() == "finished" and len(run.metrics()) == 4  # nothing was launched again
+
+
+def test_charts_need_no_network_in_jupyterlab_or_in_batch_runs():
+    import altair as alt
+    import pandas as pd
+
+    chart = alt.Chart(pd.DataFrame({"x": [1, 2], "y": [3, 4]})).mark_line().encode(x="x", y="y")
+    try:
+        report.setup(interactive=False)
+        bundle = alt.renderers.get()(chart.to_dict())
+        assert set(bundle) == {report.VEGA_MIME, "image/svg+xml", "text/plain"} and "<svg" in bundle["image/svg+xml"]
+        report.setup(interactive=True)
+        assert alt.renderers.active == "jupyter" and alt.renderers.options.get("offline") is True
+        assert alt.JupyterChart._esm and "cdn.jsdelivr" not in str(alt.JupyterChart._esm)[:5000]
+    finally:
+        alt.renderers.enable("default")
