@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from labkit import gpus as gpus_mod
-from labkit import liveness, rendezvous, runfiles, slurm
+from labkit import liveness, rendezvous, rundirs, runfiles, slurm
 from labkit.config import ConfigError, RunConfig, load_config
 
 if TYPE_CHECKING:
@@ -167,8 +166,8 @@ def launch(config: RunConfig | str | Path, overwrite: bool = False, backend: str
     """Validate, write RUN_DIR/config.yaml and start training in the background; returns at once.
 
     Overrides are config fields (`name="lr3e-4"`, `**{"distributed.num_processes": 2}`). An existing run
-    directory is continued when `resume` is set; otherwise it is emptied and reused when its run failed
-    or stopped, or with `overwrite`. A live run is never touched.
+    directory is continued when `resume` is set, moved to RUNS/.trash/ with `overwrite`, and otherwise
+    refused (`labkit.rundirs.claim_run_dir`). A live run is never touched.
 
     `backend="local"` trains on this machine: a run that needs GPUs gets its own (labkit.gpus) and
     waits, state `pending` with its `pending_reason`, while they are taken. `backend="slurm"` submits
@@ -201,18 +200,8 @@ def launch(config: RunConfig | str | Path, overwrite: bool = False, backend: str
             problems.append(str(e))
     if problems:
         raise ConfigError("\n  - ".join([f"run {cfg.name!r} cannot start:", *problems]))
+    cfg = rundirs.claim_run_dir(cfg, overwrite=overwrite)  # never deletes a run: labkit/rundirs.py
     run_dir = cfg.run_dir
-    if (run_dir / "config.yaml").exists() or (run_dir / runfiles.STATUS).exists():
-        old = Run(run_dir)
-        state = old.status().get("state")
-        if old.is_alive():
-            raise ConfigError(f"{run_dir}: run {cfg.name!r} is still {state}; stop it first (Run.stop())")
-        if state not in ("failed", "stopped") and not cfg.resume and not overwrite:
-            raise ConfigError(f"{run_dir}: a {state or 'previous'} run is already there; pick another name, "
-                              "set resume=True to continue it, or pass overwrite=True to start over")
-        if not cfg.resume:
-            # A fresh start must not find the old run's checkpoints (a later resume would pick them up).
-            shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = cfg.save(run_dir / "config.yaml")
     (run_dir / runfiles.STOP).unlink(missing_ok=True)

@@ -35,12 +35,30 @@ LIVE_MIMES = ("application/vnd.jupyter.widget-view+json", "application/javascrip
 # -- in the notebook ---------------------------------------------------------------------------
 
 
+VEGA_MIME = "application/vnd.labkit.vegalite+json"  # a chart's spec, kept for interactive HTML reports
+
+
+def _batch_renderer(spec: dict, **metadata: Any) -> dict[str, Any]:
+    """SVG for JupyterLab and nbconvert, plus the spec, which reports turn into an interactive chart."""
+    import vl_convert as vlc
+
+    from labkit.viz import _vl_version
+
+    svg = vlc.vegalite_to_svg(spec, vl_version=_vl_version())
+    return {VEGA_MIME: spec, "image/svg+xml": svg, "text/plain": "<chart>"}
+
+
 def setup(interactive: bool) -> None:
-    """Charts as inline SVG in batch runs (reports work offline), JupyterLab's renderer otherwise."""
+    """Charts that need no network: JupyterLab gets altair's JupyterChart with vega inlined (hover,
+    zoom); batch runs keep an SVG plus the spec, which `render` turns into an interactive chart."""
     import altair as alt
     import pandas as pd
 
-    alt.renderers.enable("default" if interactive else "svg")
+    if interactive:
+        alt.renderers.enable("jupyter", offline=True)
+    else:
+        alt.renderers.register("labkit-batch", _batch_renderer)
+        alt.renderers.enable("labkit-batch")
     pd.set_option("display.max_columns", 40)
     pd.set_option("display.width", 200)
     pd.set_option("display.float_format", lambda v: f"{v:.4g}")
@@ -131,8 +149,8 @@ def quiet():
 
 
 def execute(notebook: str | Path, out: str | Path, parameters: dict[str, Any] | None = None,
-            log_output: bool = False) -> Path:
-    """Run a notebook headless with papermill on a python3 kernel started in the repo root.
+            log_output: bool = False, cwd: str | Path | None = None) -> Path:
+    """Run a notebook headless with papermill on a python3 kernel started in `cwd` (default: the repo root).
 
     The kernel is started here rather than by papermill: papermill's `cwd` is a process-wide
     chdir, which threads running several notebooks at once would race on; labkit is made importable
@@ -148,7 +166,7 @@ def execute(notebook: str | Path, out: str | Path, parameters: dict[str, Any] | 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     km = KernelManager(kernel_name="python3")
-    km.start_kernel(cwd=str(ROOT), env=env, stderr=subprocess.DEVNULL)
+    km.start_kernel(cwd=str(cwd or ROOT), env=env, stderr=subprocess.DEVNULL)
     try:
         pm.execute_notebook(str(notebook), str(out), parameters=parameters or {}, kernel_name="python3", km=km,
                             progress_bar=False, log_output=log_output)
@@ -181,27 +199,61 @@ def follow(run, poll: float = 2.0, every: float = 10.0, log: Callable[[str], Non
 # -- tables and charts the notebooks show -------------------------------------------------------
 
 
+def sweep_base_of(cfg) -> dict[str, Any] | None:
+    """The sweep this run belongs to, if any: its name and the run's overrides of the sweep's base."""
+    root = Path(cfg.runs_root)
+    for path in sorted((root / SWEEPS).glob("*/sweep.json")):
+        rec = runfiles.read_json(path)
+        for r in rec.get("runs", []):
+            if r.get("name") == cfg.name:
+                return {"sweep": rec.get("name"), "overrides": r.get("overrides") or {}}
+    return None
+
+
 def config_table(cfg):
-    """The fields of a run config that differ from the defaults (plus name, model, data)."""
+    """The full resolved config (defaults included): value, the default where it differs, and which
+    fields the sweep varied from its base (`sweep axis`)."""
     import pandas as pd
 
     from labkit.config import RunConfig
 
     defaults = RunConfig(datasets=["_"]).flat()
-    keep = ("name", "model", "datasets", "phases", "runs_root")
-    rows = [{"field": k, "value": v} for k, v in cfg.flat().items()
-            if (k in keep or defaults.get(k) != v) and v not in ("", None, [])]
-    return pd.DataFrame(rows).set_index("field")
+    sweep = sweep_base_of(cfg) or {}
+    axes = set(sweep.get("overrides", {}))
+    rows = []
+    for k, v in cfg.flat().items():
+        d = defaults.get(k)
+        changed = k not in ("datasets", "name", "runs_root") and d != v
+        rows.append({"field": k, "value": "" if v is None else str(v),
+                     "default": ("" if d is None else str(d)) if changed else "",
+                     "set by": "sweep axis" if k in axes else "config" if changed else "default"})
+    df = pd.DataFrame(rows).set_index("field")
+    return df
+
+
+def config_diff(cfg):
+    """Only the fields that differ from the defaults or were set by the sweep: what a colleague reads first."""
+    df = config_table(cfg)
+    return df[df["set by"] != "default"]
 
 
 def eval_table(run_dir: str | Path):
-    """One row per evaluated step: `task/metric` columns from RUN_DIR/evals/STEP.json."""
+    """One row per (evaluation, task, metric): step, score and its stderr, newest evaluation first."""
     import pandas as pd
 
-    from labkit.sweep import eval_files, eval_scores
+    from labkit.store import read_eval_file
+    from labkit.sweep import eval_files
 
-    rows = [{"eval": p.stem, **eval_scores(Path(run_dir), p)} for p in eval_files(run_dir)]
-    return pd.DataFrame(rows)
+    rows = []
+    for p in reversed(eval_files(run_dir)):
+        try:
+            for r in read_eval_file(p):
+                rows.append({"checkpoint": p.stem, "samples": r["samples"], "task": r["task"],
+                             "metric": r["metric"], "score": r["value"], "± stderr": r["stderr"]})
+        except ValueError:
+            continue
+    df = pd.DataFrame(rows, columns=["checkpoint", "samples", "task", "metric", "score", "± stderr"])
+    return df.set_index(["task", "metric"])
 
 
 def run_summary(run_dir: str | Path) -> dict[str, Any]:
@@ -317,6 +369,15 @@ def sweep_heatmap(df, spec=None, values: tuple[str, ...] | None = None):
     return alt.hconcat(*charts).resolve_scale(color="independent") if len(charts) > 1 else charts[0]
 
 
+def sweep_title(spec, name: str | None = None) -> str:
+    """`bs_lr: effective batch size x learning rate (4 runs)`, from the spec's axes."""
+    from labkit.sweep import overrides_of
+
+    axes = [a.replace("_", " ") for a in spec.axes] or ["explicit runs"]
+    n = len(overrides_of(spec))
+    return f"{name or spec.name}: {' x '.join(axes)} ({n} run{'s' if n != 1 else ''})"
+
+
 def decisions_table(sweep_dir: str | Path):
     """The early-termination ranking at each decision: run, early score, rank, stopped or kept."""
     import pandas as pd
@@ -384,47 +445,97 @@ def _exporter():
     return exporter
 
 
-def _offline(nb, show_code: bool) -> None:
-    """Drop what a report cannot show without a kernel or the network, and the record outputs."""
+def _chart_html(spec: dict, n: int) -> str:
+    div = f"labkit-chart-{n}"
+    return (f'<div id="{div}" class="labkit-chart"></div>\n<script type="module">'
+            f'vegaEmbed("#{div}", {json.dumps(spec)}, {{"actions": false}});</script>')
+
+
+def _offline(nb, show_code: bool) -> int:
+    """Make an executed notebook a report: no parameters cells, no widgets, no progress lines, no
+    record outputs; charts become interactive vega-embed charts. Returns the number of charts."""
     nb.metadata.pop("widgets", None)
+    charts = 0
     for cell in nb.cells:
         tags = cell.metadata.setdefault("tags", [])
-        # A report shows the parameters the run got and the results; the .ipynb keeps the code.
-        if cell.cell_type == "code" and not show_code and "injected-parameters" not in tags:
-            tag = "hide-cell" if "parameters" in tags else "hide-input"
-            if tag not in tags:
-                tags.append(tag)
+        if "parameters" in tags or "injected-parameters" in tags:
+            # Absolute paths of whoever ran it; the report shows the resolved config instead.
+            tags.append("hide-cell")
+        elif cell.cell_type == "code" and not show_code and "hide-input" not in tags:
+            tags.append("hide-input")
         outputs = []
         for o in cell.get("outputs", []):
+            if o.get("output_type") == "stream" and (o.get("name") == "stderr" or "progress" in tags):
+                continue  # warnings and progress lines: the report shows results
             data = o.get("data")
             if data is not None:
                 if RECORD_MIME in data:
                     continue
                 for mime in LIVE_MIMES:
                     data.pop(mime, None)
-                if not data:
+                if VEGA_MIME in data:
+                    charts += 1
+                    spec = data.pop(VEGA_MIME)
+                    data.pop("image/svg+xml", None)
+                    data["text/html"] = _chart_html(spec, charts)
+                if not data or set(data) == {"text/plain"} and data["text/plain"].startswith("<chart"):
                     continue
             outputs.append(o)
         if "outputs" in cell:
             cell.outputs = outputs
+    return charts
+
+
+_VEGA_JS: str | None = None
+
+
+def vega_js() -> str:
+    """vega, vega-lite and vega-embed in one script (from vl-convert: no network, ~900 kB)."""
+    global _VEGA_JS
+    if _VEGA_JS is None:
+        import vl_convert as vlc
+
+        from labkit.viz import _vl_version
+
+        _VEGA_JS = vlc.javascript_bundle(vl_version=_vl_version())
+    return _VEGA_JS
 
 
 def render(notebook: str | Path, out: str | Path | None = None, title: str | None = None,
            index_href: str | None = None, show_code: bool = False) -> Path:
-    """Render an executed notebook to one self-contained HTML file (charts inline, no remote scripts)."""
+    """Render an executed notebook to one self-contained HTML file (interactive charts, no remote scripts)."""
     import nbformat
 
     notebook = Path(notebook)
     out = Path(out) if out else notebook.with_suffix(".html")
     nb = nbformat.read(str(notebook), as_version=4)
-    _offline(nb, show_code)
+    charts = _offline(nb, show_code)
     nb.metadata["title"] = title or notebook.parent.name
-    resources = {"metadata": {"name": title or notebook.parent.name}, "labkit": {"index_href": index_href}}
+    resources = {"metadata": {"name": title or notebook.parent.name},
+                 "labkit": {"index_href": index_href, "vega_js": vega_js() if charts else ""}}
     body, _ = _exporter().from_notebook_node(nb, resources=resources)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(body, encoding="utf-8")
     tmp.replace(out)
     return out
+
+
+def is_run_dir(path: str | Path) -> bool:
+    from labkit.rundirs import holds_run
+
+    return Path(path).is_dir() and holds_run(Path(path))
+
+
+def report_run(run_dir: str | Path, force: bool = False) -> Path:
+    """RUN_DIR/report.html for any run, CLI runs included: a run without an executed notebook gets one
+    (`01_run.ipynb` attached to the existing run: nothing is launched or evaluated again)."""
+    run_dir = Path(run_dir).resolve()
+    nb = run_dir / "report.ipynb"
+    if force or not nb.is_file():
+        execute(ROOT / "notebooks" / "01_run.ipynb", nb, {
+            "existing_run": str(run_dir), "runs_root": str(run_dir.parent), "evaluate_tasks": [],
+            "interactive": False})
+    return render(nb, run_dir / "report.html", title=run_dir.name)
 
 
 # -- the index ---------------------------------------------------------------------------------
@@ -456,24 +567,6 @@ def _sweeps(root: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]
     return runs, sweeps
 
 
-def runs_table(root: str | Path) -> list[dict[str, Any]]:
-    """One row per run under `root` (a run dir, or a sweep's run that failed before training)."""
-    root = Path(root)
-    swept, _ = _sweeps(root)
-    rows = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and (_is_run(p) or p.name in swept)):
-        s = run_summary(d)
-        info = swept.get(d.name, {})
-        result = info.get("result", {})
-        rows.append({"run": d.name, "sweep": info.get("sweep", ""), "state": s["state"] or result.get("state"),
-                     "stop_reason": s["stop_reason"] or s["error"] or result.get("notebook_error") or "",
-                     "step": s["step"], "samples": s["samples"], "planned_samples": s["planned_samples"] or None,
-                     "early_score": info.get("early_score"), "final_loss": s["final_loss"],
-                     "final_val_loss": s["final_val_loss"], **s["evals"],
-                     "report": (d / "report.html") if (d / "report.ipynb").is_file() else None})
-    return rows
-
-
 def _cell(v: Any) -> str:
     if v is None or v == "":
         return ""
@@ -485,6 +578,8 @@ def _cell(v: Any) -> str:
 def build_reports(root: str | Path = "runs", force: bool = False, show_code: bool = False) -> Path:
     """Render every `report.ipynb` under run, sweep and study dirs of `root`; write `root/index.html`."""
     import jinja2
+
+    from labkit import table
 
     root = Path(root)
     if not root.is_dir():
@@ -499,13 +594,23 @@ def build_reports(root: str | Path = "runs", force: bool = False, show_code: boo
                    show_code=show_code)
         rendered[nb.parent] = html_path
 
-    rows = runs_table(root)
     swept, sweeps = _sweeps(root)
-    score_cols = sorted({k for r in rows for k in r if "/" in k})
-    cols = ["run", "state", "step", "samples", "planned_samples", "early_score", "final_loss",
-            "final_val_loss", *score_cols]
-    for r in rows:
-        r["href"] = r["report"].relative_to(root).as_posix() if r["report"] else None
+    runs = table.runs_table(root)
+    notes = {}
+    for name in runs["run"]:
+        st = runfiles.read_status(root / name)
+        notes[name] = str(st.get("stop_reason") or st.get("error") or "")
+    # A sweep's run that failed before training (bad config, missing data) has only its notebook.
+    lost = [n for n, info in swept.items() if n not in set(runs["run"]) and (root / n / "report.ipynb").is_file()]
+    if lost:
+        import pandas as pd
+
+        extra = pd.DataFrame({"run": lost, "state": [swept[n]["result"].get("state") or "failed" for n in lost],
+                              "cohort": [swept[n]["sweep"] for n in lost]})
+        runs = pd.concat([runs, extra], ignore_index=True) if len(runs) else extra.reindex(columns=runs.columns)
+        for n in lost:
+            notes[n] = swept[n]["result"].get("notebook_error") or notebook_error(root / n / "report.ipynb") or ""
+    links = {d.name: p.relative_to(root).as_posix() for d, p in rendered.items() if d.parent == root}
     for s in sweeps:
         s["href"] = (rendered[s["dir"]].relative_to(root).as_posix() if s["dir"] in rendered else None)
     studies = [{"name": d.name, "href": p.relative_to(root).as_posix()} for d, p in rendered.items()
@@ -513,7 +618,8 @@ def build_reports(root: str | Path = "runs", force: bool = False, show_code: boo
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True)
     env.filters["cell"] = _cell
     page = env.get_template("index.html.j2").render(
-        root=str(root.resolve()), generated=time.strftime("%Y-%m-%d %H:%M:%S"), rows=rows, cols=cols,
+        root=str(root.resolve()), generated=time.strftime("%Y-%m-%d %H:%M:%S"), n_runs=len(runs),
+        runs_table=table.to_html(runs, links=links, notes=notes), early_help=table.EARLY_SCORE_HELP,
         sweeps=sweeps, studies=studies)
     out = root / "index.html"
     tmp = out.with_name(".index.html.tmp")
@@ -522,14 +628,20 @@ def build_reports(root: str | Path = "runs", force: bool = False, show_code: boo
     return out
 
 
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="labkit report", description="Render executed notebooks to offline HTML.")
-    ap.add_argument("root", nargs="?", default="runs", help="runs root (default: runs)")
+    ap.add_argument("root", nargs="?", default=None, help="runs root or one run dir (default: $LABKIT_RUNS "
+                    "or PROJECT/runs)")
     ap.add_argument("--force", action="store_true", help="re-render reports that look up to date")
     ap.add_argument("--code", action="store_true", help="show code cells (default: parameters and results)")
     args = ap.parse_args(argv)
-    print(build_reports(args.root, force=args.force, show_code=args.code).resolve())
+    from labkit import paths
+
+    target = Path(args.root) if args.root else paths.runs_root()
+    if is_run_dir(target):
+        print(report_run(target, force=args.force).resolve())
+    else:
+        print(build_reports(target, force=args.force, show_code=args.code).resolve())
     return 0
 
 

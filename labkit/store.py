@@ -915,6 +915,39 @@ class Store:
                  "n": int((both[s].notna() & both["value"].notna()).sum())} for s in EARLY_SIGNALS]
         return pd.DataFrame(rows)
 
+    # -- cohorts (the lab's runs table) ----------------------------------------------------------
+
+    def cohort_early_scores(self, runs: Sequence[str], first_samples: int | None = None,
+                            first_steps: int | None = None, score: str | Callable[[pd.DataFrame], Any] = "paper",
+                            live: bool = False) -> pd.DataFrame:
+        """The early score within one cohort (a sweep, or runs picked together) over the same first budget.
+
+        Only runs that have reached the window's end are scored and ranked, against each other: a
+        run still short of it (or without metrics) gets no score and no rank, so adding or
+        advancing other runs never moves a complete run's score except by joining its cohort.
+        Columns: run_id, complete, reached, early_score, early_rank, grad_norm_mean, loss_mean.
+        """
+        cols = ["run_id", "complete", "reached", "early_score", "early_rank", "grad_norm_mean", "loss_mean"]
+        have = self.run_dirs()
+        names = [r for r in dict.fromkeys(runs) if r in have]
+        if not names:
+            return pd.DataFrame(columns=cols)
+        kw = {"first_samples": first_samples} if first_samples is not None else {"first_steps": first_steps}
+        probe = self.early_dynamics(runs=names, live=live, **kw)
+        complete = probe.loc[probe["complete"], "run_id"].tolist()
+        out = pd.DataFrame({"run_id": names})
+        out = out.merge(probe[["run_id", "complete", "reached"]], how="left", on="run_id")
+        out["complete"] = out["complete"].astype("boolean").fillna(False).astype(bool)
+        if complete:
+            ranked = self.early_dynamics(runs=complete, score=score, live=live, **kw)
+            ranked = ranked[["run_id", "early_score", "rank", "grad_norm_mean", "loss_mean"]]
+            out = out.merge(ranked.rename(columns={"rank": "early_rank"}), how="left", on="run_id")
+            out.loc[out["early_score"].isna(), "early_rank"] = np.nan
+        else:
+            out = out.assign(early_score=np.nan, early_rank=np.nan, grad_norm_mean=np.nan, loss_mean=np.nan)
+        out["early_rank"] = out["early_rank"].astype("Int64")
+        return out[cols]
+
 
 def _stat_key(path: Path) -> tuple[int, int, int]:
     try:

@@ -38,7 +38,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from labkit import runfiles
+from labkit import rundirs, runfiles
 from labkit.config import ConfigError, RunConfig, error_lines, from_dict, set_dotted
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -575,8 +575,8 @@ def run_sweep(spec: SweepSpec | dict[str, Any] | str | Path, runs_root: str | Pa
               name: str | None = None, overwrite: bool = False, poll: float = 1.0, log=print):
     """Run every config of the sweep through the run notebook; returns the summary table.
 
-    Runs that already exist under `runs_root` are an error unless `overwrite` (which deletes them
-    and the sweep's directory first).
+    Runs that already exist under `runs_root` are an error unless `overwrite` (which moves them
+    to RUNS/.trash/ and clears the sweep's record first).
     """
     spec = as_spec(spec)
     root = Path(runs_root or spec.runs_root or "runs")
@@ -584,14 +584,14 @@ def run_sweep(spec: SweepSpec | dict[str, Any] | str | Path, runs_root: str | Pa
     existing = [d for d in sweep.run_dirs.values() if d.exists()]
     if existing and not overwrite:
         raise SweepError(f"sweep {sweep.name}: {len(existing)} of its runs already exist under {root} "
-                         f"({existing[0].name}, ...); pass overwrite=True or another name")
+                         f"({existing[0].name}, ...); pass overwrite=True (the old runs move to .trash/) or another name")
     if overwrite:
         from labkit.launch import Run
 
         for d in existing:
             if Run(d).is_alive():
                 raise SweepError(f"{d}: run is still live; stop it before overwriting the sweep")
-            shutil.rmtree(d)
+            rundirs.trash(d)  # moved aside, never deleted: labkit/rundirs.py
         # Not the whole sweep dir: a sweep notebook may be writing its report.ipynb there.
         shutil.rmtree(sweep.dir / "configs", ignore_errors=True)
         (sweep.dir / "sweep.json").unlink(missing_ok=True)

@@ -19,7 +19,7 @@ import pandas as pd
 
 from labkit import catalog, runfiles
 from labkit.config import ConfigError, RunConfig, from_dict
-from labkit.launch import Run, launch, overview, runs
+from labkit.launch import Run, launch, runs
 
 _offline = False
 
@@ -184,11 +184,21 @@ class Configurator(w.VBox):
 
     def launch(self, **kwargs: Any) -> Run | None:
         """Launch the form's config (kwargs go to `labkit.launch.launch`) and show a Monitor for it."""
+        from labkit.rundirs import claim_run_dir
+
         try:
-            run = launch(self.config, **kwargs)
+            cfg = self.config
+            # The form's name is a default people launch again and again: an old run of that name
+            # is kept and the new one gets the next free name (demo-2), never an overwrite.
+            claimed = claim_run_dir(cfg, resume=kwargs.pop("resume", False),
+                                    overwrite=kwargs.get("overwrite", False), on_exists="rename")
+            run = launch(claimed, **kwargs)
         except ConfigError as e:
             self.messages.value = _problems_html(str(e).replace("\n  - ", "\n").splitlines())
             return None
+        note = (f"<span style='color:#7a5600'>a run named <code>{html.escape(cfg.name)}</code> exists (kept): "
+                f"launched as <code>{html.escape(run.name)}</code></span>" if claimed.name != cfg.name else "")
+        self.messages.value = note or f"launched <code>{html.escape(run.name)}</code>"
         self.launched.append(run)
         self.monitors.children = (Monitor(run), *self.monitors.children)
         return run
@@ -205,6 +215,45 @@ class Configurator(w.VBox):
 # -- one live run ----------------------------------------------------------------------------------
 
 
+def _eta(status: dict[str, Any], df: pd.DataFrame) -> str:
+    step, total = status.get("step") or 0, status.get("total_steps")
+    if not total or not step or "time" not in df.columns or not len(df) or step >= total:
+        return ""
+    elapsed = runfiles.finite_number(df["time"].iloc[-1])
+    if not elapsed:
+        return ""
+    from labkit.table import duration_text
+
+    return duration_text(elapsed / step * (total - step))
+
+
+def stats_html(df: pd.DataFrame, status: dict[str, Any]) -> str:
+    """LR, validation loss, tokens/s, peak memory and ETA of a run, from its newest metrics rows."""
+    if not len(df):
+        return ""
+    last = df.iloc[-1]
+
+    def get(col: str) -> float | None:
+        return runfiles.finite_number(last.get(col)) if col in df.columns else None
+
+    val = df["val_loss"].dropna() if "val_loss" in df.columns else pd.Series(dtype=float)
+    parts = []
+    if get("lr") is not None:
+        parts.append(f"lr {get('lr'):.2e}")
+    if len(val):
+        parts.append(f"val loss {float(val.iloc[-1]):.4g}")
+    if get("tokens_per_s") is not None:
+        parts.append(f"{get('tokens_per_s'):,.0f} tokens/s")
+    if get("peak_mem_mb") is not None:
+        parts.append(f"peak mem {get('peak_mem_mb'):,.0f} MB")
+    if status.get("state") not in runfiles.FINAL_STATES:
+        eta = _eta(status, df)
+        if eta:
+            parts.append(f"ETA {eta}")
+    return "<span class='labkit-stats'>" + " &middot; ".join(parts) + "</span>"
+
+
+
 class Monitor(w.VBox):
     """Progress, status and live loss / grad-norm curves of one run, with a Stop button.
 
@@ -219,6 +268,7 @@ class Monitor(w.VBox):
                                       layout=w.Layout(width="420px"))
         self.progress_label = w.Label()
         self.status = w.HTML()
+        self.stats = w.HTML()
         self.stop_button = w.Button(description="Stop", button_style="danger", icon="stop")
         self.stop_button.on_click(lambda _: self.stop())
         self.chart = _chart_widget(self._chart(pd.DataFrame()))
@@ -228,7 +278,7 @@ class Monitor(w.VBox):
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
         super().__init__([self.title, w.HBox([self.progress, self.progress_label, self.stop_button]),
-                          self.status, self.chart])
+                          self.status, self.stats, self.chart])
         self.add_class("labkit-monitor")
         self.refresh()
         if autostart:
@@ -258,10 +308,13 @@ class Monitor(w.VBox):
                 self.state or "", "info")
             detail = status.get("error") or status.get("stop_reason") or ""
             loss = f", loss {status['loss']:.4g}" if isinstance(status.get("loss"), int | float) else ""
+            stopping = self.state not in runfiles.FINAL_STATES and (self.run.dir / runfiles.STOP).exists()
             self.status.value = (f"<b>{html.escape(str(self.state))}</b>{loss}"
-                                 + (f" &mdash; {html.escape(str(detail))}" if detail else ""))
-            self.stop_button.disabled = self.state in runfiles.FINAL_STATES
+                                 + (f" &mdash; {html.escape(str(detail))}" if detail else "")
+                                 + (" &mdash; stopping: the trainer saves a checkpoint, then exits" if stopping else ""))
+            self.stop_button.disabled = self.state in runfiles.FINAL_STATES or stopping
             df = self.run.metrics()
+            self.stats.value = stats_html(df, status)
             if len(df) != self._rows:  # re-render only when new steps arrived
                 self._rows = len(df)
                 self.chart.chart = self._chart(df)
@@ -291,16 +344,19 @@ class Monitor(w.VBox):
     def stop(self, timeout: float = 120) -> threading.Thread:
         """Ask the run to stop, from a thread (stopping waits for the trainer's checkpoint)."""
         self.stop_button.disabled = True
+        runfiles.request_stop(self.run.dir, "stopped from the monitor")  # at once: the trainer polls for it
         self.status.value = "<b>stopping</b> &mdash; waiting for the trainer to save a checkpoint"
         t = threading.Thread(target=self.run.stop, kwargs={"timeout": timeout, "reason": "stopped from the monitor"},
                              daemon=True)
         t.start()
+        self.start()  # follow it to its final state even if polling had ended
         return t
 
     def close(self) -> None:
         """Stop polling and close the panel's widgets."""
         self._halt.set()
-        for widget in (self.title, self.progress, self.progress_label, self.stop_button, self.status, self.chart,
+        for widget in (self.title, self.progress, self.progress_label, self.stop_button, self.status, self.stats,
+                       self.chart,
                        *self.children):
             widget.close()
         super().close()
@@ -315,66 +371,221 @@ class Monitor(w.VBox):
 # -- all runs --------------------------------------------------------------------------------------
 
 
-class Board(w.VBox):
-    """Every run under `root`, with a comparison chart of the selected runs and Stop / Refresh buttons."""
+class RunsTable(w.VBox):
+    """The runs table (labkit.table) with a SQL filter, a sort column and a choice of config columns."""
 
-    def __init__(self, root: str = "runs", y: str = "loss", x: str = "samples"):
-        self.root, self.y, self.x = root, y, x
-        self.table = w.HTML()
-        self.select = w.SelectMultiple(description="compare", rows=6, layout=w.Layout(width="360px"))
-        self.select.observe(lambda _: self._draw() if not self._refreshing else None, names="value")
+    def __init__(self, root=None, columns: list[str] | None = None, store=None):
+        from labkit import paths, table
+
+        self.root = paths.runs_root(root)
+        self._store = store
+        self.frame = table.empty(columns)
+        lay = {"style": {"description_width": "70px"}}
+        self.where = w.Text(placeholder="e.g. learning_rate >= 1e-3 AND state = 'finished'", description="filter",
+                            layout=w.Layout(width="460px"), **lay)
+        self.sort = w.Dropdown(options=["started"], value="started", description="sort by",
+                               layout=w.Layout(width="260px"), **lay)
+        self.descending = w.Checkbox(value=True, description="descending", indent=False,
+                                     layout=w.Layout(width="110px"))
+        self.columns = w.Text(value=",".join(columns if columns is not None else table.DEFAULT_CONFIG_COLUMNS),
+                              description="config", layout=w.Layout(width="460px"), **lay)
+        self.html = w.HTML()
+        self.error = w.HTML()
+        for c in (self.where, self.columns):
+            c.continuous_update = False
+            c.observe(lambda _: self.refresh(), names="value")
+        for c in (self.sort, self.descending):
+            c.observe(lambda _: self.refresh() if not self._busy else None, names="value")
+        self._busy = False
+        super().__init__([w.HBox([self.where, self.sort, self.descending]), self.columns, self.error, self.html])
+        self.add_class("labkit-runs-table")
+
+    def refresh(self, cohort: list[str] | None = None) -> pd.DataFrame:
+        from labkit import table
+
+        cols = [c.strip() for c in self.columns.value.split(",") if c.strip()]
+        try:
+            df = table.runs_table(self.root, columns=cols, where=self.where.value.strip() or None,
+                                  sort=self.sort.value, descending=self.descending.value, cohort=cohort,
+                                  store=self._store)
+            self.error.value = ""
+        except (KeyError, ValueError) as e:
+            self.error.value = f"<span style='color:#c62828'>{html.escape(str(e.args[0] if e.args else e))}</span>"
+            return self.frame
+        self.frame = df
+        self._busy = True
+        try:
+            chosen = self.sort.value
+            options = list(df.columns)
+            if chosen not in options:
+                options.append(chosen)
+            if list(self.sort.options) != options:
+                self.sort.options = options  # resets the value: put the user's choice back
+                self.sort.value = chosen
+        finally:
+            self._busy = False
+        text = table.readable(df)
+        grid = text.to_html(index=False, border=0, classes="labkit-runs").replace(
+            "<table", "<table style='white-space:nowrap;border-collapse:collapse;font-size:12px'", 1)
+        self.html.value = (f"<div style='overflow-x:auto;max-width:100%'>{grid}</div>" if len(df)
+                           else "<i>no runs yet</i>")
+        if len(df) and df["early_score"].notna().any():
+            self.html.value += f"<div style='color:#666;font-size:12px'>{html.escape(table.EARLY_SCORE_HELP)}</div>"
+        return df
+
+
+METRICS = ("loss", "val_loss", "grad_norm", "lr", "tokens_per_s", "samples_per_s", "step_time", "peak_mem_mb",
+           "packing_efficiency")
+
+
+class Board(w.VBox):
+    """The lab board: the runs table, an overlay chart of the selected runs, Stop selected.
+
+    Pick the metric, the x-axis (step, samples, tokens or time), EMA smoothing and a log scale; with
+    auto-refresh on, a daemon thread re-reads the files every `interval` seconds (widget values only).
+    Table and chart come from the same refresh. The early score ranks the selected runs as one cohort.
+    """
+
+    def __init__(self, root=None, y: str = "loss", x: str = "samples", interval: float = 5.0,
+                 auto_refresh: bool = True):
+        from labkit import paths
+        from labkit.store import Store  # duckdb: only the board needs it
+
+        self.root = paths.runs_root(root)
+        self.interval = interval
+        self._store = Store(self.root) if self.root.is_dir() else None
+        self.table = RunsTable(self.root, store=self._store)
+        lay = {"style": {"description_width": "80px"}, "layout": w.Layout(width="230px")}
+        self.metric = w.Dropdown(options=list(METRICS), value=y, description="metric", **lay)
+        self.x_axis = w.Dropdown(options=["step", "samples", "tokens", "time"], value=x, description="x-axis", **lay)
+        self.smoothing = w.FloatSlider(value=0.0, min=0.0, max=0.95, step=0.05, description="smoothing",
+                                       readout_format=".2f", **lay)
+        self.log_y = w.Checkbox(value=False, description="log scale", indent=False)
+        self.select = w.SelectMultiple(description="overlay", rows=8, layout=w.Layout(width="420px"))
         self.refresh_button = w.Button(description="Refresh", icon="refresh")
         self.refresh_button.on_click(lambda _: self.refresh())
+        self.auto = w.Checkbox(value=auto_refresh, description=f"auto-refresh every {interval:g}s", indent=False)
         self.stop_button = w.Button(description="Stop selected", button_style="danger", icon="stop")
         self.stop_button.on_click(lambda _: self.stop_selected())
         self.message = w.HTML()
         self.chart = _chart_widget(alt.Chart(pd.DataFrame({x: [], y: []})).mark_line())
         self._runs: dict[str, Run] = {}
-        from labkit.store import Store  # duckdb: only the board needs it
-
+        self._stopping: dict[str, threading.Thread] = {}
         self._refreshing = False  # resetting the options fires `value` events: draw once, at the end
-        self._store = Store(root)
-        self.overview = pd.DataFrame()
-        super().__init__([self.table, w.HBox([self.select, w.VBox([self.refresh_button, self.stop_button])]),
-                          self.message, self.chart])
+        self._lock = threading.Lock()
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+        for c in (self.metric, self.x_axis, self.smoothing, self.log_y):
+            c.observe(lambda _: self._draw() if not self._refreshing else None, names="value")
+        # The selection is also the table's cohort: re-rank, then draw.
+        self.select.observe(lambda _: self.refresh() if not self._refreshing else None, names="value")
+        self.auto.observe(lambda c: self.start() if c["new"] else self._halt.set(), names="value")
+        controls = w.VBox([self.metric, self.x_axis, self.smoothing, self.log_y])
+        buttons = w.VBox([self.refresh_button, self.auto, self.stop_button])
+        super().__init__([self.table, w.HBox([self.select, controls, buttons]), self.message, self.chart])
         self.add_class("labkit-board")
         self.refresh()
+        if auto_refresh:
+            self.start()
+
+    @property
+    def y(self) -> str:
+        return self.metric.value
+
+    @property
+    def x(self) -> str:
+        return self.x_axis.value
 
     def refresh(self) -> pd.DataFrame:
-        self._runs = {r.name: r for r in runs(self.root)}
-        self.overview = overview(self.root, store=self._store)
-        self.table.value = self.overview.to_html(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}",
-                                                 border=0) if len(self.overview) else "<i>no runs yet</i>"
-        keep = tuple(n for n in self.select.value if n in self._runs)
-        self._refreshing = True
-        try:
-            self.select.options = list(self._runs)
-            self.select.value = keep
-        finally:
-            self._refreshing = False
-        self._draw()
-        return self.overview
+        """Re-read every run once: the table, the run list, the stop messages and the chart."""
+        with self._lock:
+            if self._store is None and self.root.is_dir():
+                from labkit.store import Store
+
+                self._store = Store(self.root)
+                self.table._store = self._store
+            self._runs = {r.name: r for r in runs(self.root)}
+            keep = tuple(n for n in self.select.value if n in self._runs)
+            df = self.table.refresh(cohort=list(keep) if len(keep) > 1 else None)
+            self._refreshing = True
+            try:
+                self.select.options = list(self._runs)
+                self.select.value = keep
+            finally:
+                self._refreshing = False
+            self._update_message(df)
+            self._draw_locked()
+            return df
+
+    def _update_message(self, df: pd.DataFrame) -> None:
+        states = dict(zip(df["run"], df["state"])) if len(df) else {}
+        waiting = [n for n in self._stopping if states.get(n) not in runfiles.FINAL_STATES]
+        done = [f"{n}: {states.get(n)}" for n in self._stopping if n not in waiting]
+        for n in list(self._stopping):
+            if n not in waiting:
+                del self._stopping[n]
+        parts = []
+        if waiting:
+            parts.append(f"stopping {', '.join(waiting)} (saving a checkpoint)")
+        if done:
+            parts.append(", ".join(done))
+        self.message.value = html.escape("; ".join(parts))
 
     def curves(self) -> alt.TopLevelMixin:
-        """`y` against `x` for the selected runs, downsampled by the store."""
+        """The chosen metric against the chosen x for the selected runs, downsampled in DuckDB."""
         from labkit import viz
 
-        names = list(self.select.value)
-        df = self._store.metrics(names, x=self.x, columns=[self.y]) if names else pd.DataFrame()
-        return viz.curves(df, y=self.y, x=self.x, color="run_id")
+        names = [n for n in self.select.value if n in self._runs]
+        alpha = 1.0 - self.smoothing.value
+        df = pd.DataFrame()
+        if names and self._store is not None:
+            df = self._store.metrics(names, x=self.x, columns=[self.y], smooth=alpha if alpha < 1 else None)
+            if self.log_y.value and self.y in df.columns:
+                df = df[df[self.y] > 0]
+        title = f"{self.y} by {self.x}" + (f", EMA {self.smoothing.value:.2f}" if alpha < 1 else "")
+        return viz.curves(df, y=self.y, x=self.x, color="run_id", log_y=self.log_y.value, title=title)
 
     def _draw(self) -> None:
-        self.chart.chart = self.curves()
+        with self._lock:
+            self._draw_locked()
+
+    def _draw_locked(self) -> None:
+        self.chart.chart = self.curves().properties(width=640, height=320)
+
+    def _poll(self) -> None:
+        while not self._halt.wait(self.interval):
+            if not self.auto.value:
+                break
+            try:
+                self.refresh()
+            except Exception as e:  # noqa: BLE001 - the board must keep polling past a half-written file
+                self.message.value = f"<span style='color:#c62828'>refresh error: {html.escape(str(e))}</span>"
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._halt.clear()
+            self._thread = threading.Thread(target=self._poll, name="labkit-board", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._halt.set()
+        super().close()
 
     def stop_selected(self, timeout: float = 120) -> list[threading.Thread]:
         threads = []
         for name in self.select.value:
-            t = threading.Thread(target=self._runs[name].stop, kwargs={"timeout": timeout, "reason": "board"},
+            run = self._runs[name]
+            if run.state() in runfiles.FINAL_STATES:
+                continue
+            runfiles.request_stop(run.dir, "stopped from the board")
+            t = threading.Thread(target=run.stop, kwargs={"timeout": timeout, "reason": "stopped from the board"},
                                  daemon=True)
             t.start()
+            self._stopping[name] = t
             threads.append(t)
-        self.message.value = f"stopping {', '.join(self.select.value) or 'nothing'}"
+        self.message.value = html.escape(f"stopping {', '.join(self._stopping) or 'nothing (no live run selected)'}")
         return threads
 
     def snapshot(self) -> pd.DataFrame:
+        """The runs table as a frame (show `labkit.table.readable(...)` of it, and `curves()`, in reports)."""
         return self.refresh()

@@ -40,7 +40,9 @@ def test_index_links_every_run_report_with_its_status(root):
     assert 'href="rep__good/report.html"' in index and 'href="rep__broken/report.html"' in index
     assert re.search(r'class="state finished" title="max_steps">finished<', index)
     assert re.search(r'class="state failed"[^>]*>failed<', index)
-    assert "early score" in index and "final loss" in index
+    for col in ("early_score", "val_loss", "learning_rate", "started", "duration"):
+        assert f"<th>{col}</th>" in index
+    assert "addEventListener('click'" in index  # the inline sorter: no script from anywhere else
     assert (root / "rep__good" / "report.html").is_file()
 
 
@@ -51,7 +53,8 @@ def test_reports_embed_charts_and_load_no_remote_scripts(root):
         assert "<script src=\"http" not in text and "<script src='http" not in text, page
         assert "cdn.jsdelivr" not in text and "require.min.js" not in text, page
     run_page = (root / "rep__good" / "report.html").read_text()
-    assert "data:image/svg+xml;base64" in run_page or "<svg" in run_page
+    # Interactive charts (hover, zoom) with vega, vega-lite and vega-embed inlined once.
+    assert run_page.count("vegaEmbed(\"#labkit-chart-") >= 1 and "window.vegaEmbed=" in run_page
     assert "[recorded run]" not in run_page  # record outputs are data, not report content
     assert "all runs</a>" in run_page  # the back link to the index
 
@@ -86,3 +89,52 @@ def test_labkit_report_command_prints_the_index(root, capsys):
 
     assert main(["report", str(root)]) == 0
     assert capsys.readouterr().out.strip() == str((root / "index.html").resolve())
+
+
+def test_a_run_report_reads_like_a_report(root):
+    page = (root / "rep__good" / "report.html").read_text()
+    assert "injected-parameters" not in page and "config_path" not in page  # no papermill parameters cell
+    assert "adam_beta2" in page and "set by" in page  # the full resolved config, defaults included
+    assert " step 1/" not in page and "samples 8/" not in page  # no progress lines from the batch monitor
+
+
+def test_sweep_report_title_comes_from_its_axes():
+    spec = sweep.as_spec({"name": "s", "base": TINY, "axes": {"effective_batch_size": [8, 16],
+                                                              "learning_rate": [1e-3, 1e-2]}})
+    assert report.sweep_title(spec) == "s: effective batch size x learning rate (4 runs)"
+
+
+def test_any_run_dir_gets_a_report_cli_runs_included(tmp_path, tiny_dir, capsys):
+    from labkit.cli import main
+    from labkit.launch import get
+
+    cfg = tmp_path / "c.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump({**TINY, "name": "cli-run"}))
+    assert main(["run", str(cfg), "--root", str(tmp_path / "runs"), "--wait"]) == 0
+    run = get("cli-run", tmp_path / "runs")
+    assert not (run.dir / "report.ipynb").exists()
+    capsys.readouterr()
+    assert main(["report", str(run.dir)]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == str((run.dir / "report.html").resolve())
+    page = (run.dir / "report.html").read_text()
+    assert "cli-run" in page and "vegaEmbed(" in page and "finished" in page
+    assert run.state() == "finished" and len(run.metrics()) == 4  # nothing was launched again
+
+
+def test_charts_need_no_network_in_jupyterlab_or_in_batch_runs():
+    import altair as alt
+    import pandas as pd
+
+    chart = alt.Chart(pd.DataFrame({"x": [1, 2], "y": [3, 4]})).mark_line().encode(x="x", y="y")
+    try:
+        report.setup(interactive=False)
+        bundle = alt.renderers.get()(chart.to_dict())
+        assert set(bundle) == {report.VEGA_MIME, "image/svg+xml", "text/plain"} and "<svg" in bundle["image/svg+xml"]
+        report.setup(interactive=True)
+        assert alt.renderers.active == "jupyter" and alt.renderers.options.get("offline") is True
+        assert alt.JupyterChart._esm and "cdn.jsdelivr" not in str(alt.JupyterChart._esm)[:5000]
+    finally:
+        alt.renderers.enable("default")

@@ -104,8 +104,10 @@ def test_launch_shows_a_monitor_that_follows_the_run(base):
         time.sleep(0.2)
     assert not mon.polling  # the poller ends with the run
     assert run.checkpoints()
-    again = c.launch()  # same name: a stopped run's directory is emptied and reused
-    assert again is not None and again.checkpoints() == []
+    again = c.launch()  # same name again: the stopped run is kept, the new one gets the next free name
+    assert again is not None and again.name == "from-form-2" and again.checkpoints() == []
+    assert run.checkpoints() and run.state() == "stopped"
+    assert "launched as <code>from-form-2</code>" in c.messages.value
     assert again.stop(timeout=240)["state"] == "stopped"
     c.monitors.children[0].close()
 
@@ -125,10 +127,70 @@ def test_board_lists_runs_and_charts_the_selected(tmp_path):
     fake_run(tmp_path, "b", state="stopped", steps=6)
     board = Board(str(tmp_path))
     table = board.snapshot()
-    assert isinstance(table, pd.DataFrame) and set(table["name"]) == {"a", "b"}
-    assert set(table[["name", "state"]].itertuples(index=False, name=None)) == {("a", "finished"), ("b", "stopped")}
-    assert "<table" in board.table.value and set(board.select.options) == {"a", "b"}
+    assert isinstance(table, pd.DataFrame) and set(table["run"]) == {"a", "b"}
+    assert set(table[["run", "state"]].itertuples(index=False, name=None)) == {("a", "finished"), ("b", "stopped")}
+    assert "<table" in board.table.html.value and set(board.select.options) == {"a", "b"}
     board.select.value = ("a", "b")
     spec = board.chart.chart.to_dict()
     rows = [r for d in spec["datasets"].values() for r in d]
     assert {r["run_id"] for r in rows} == {"a", "b"} and len(rows) == 10
+
+
+def test_board_picks_metric_x_axis_smoothing_and_log_scale(tmp_path):
+    fake_run(tmp_path, "a", steps=6)
+    fake_run(tmp_path, "b", steps=6)
+    board = Board(str(tmp_path), auto_refresh=False)
+    board.select.value = ("a", "b")
+    board.metric.value, board.x_axis.value = "grad_norm", "step"
+    spec = board.chart.chart.to_dict()
+    assert spec["encoding"]["x"]["field"] == "step" and spec["encoding"]["y"]["field"] == "grad_norm"
+    raw = [r["grad_norm"] for d in spec["datasets"].values() for r in d if r["run_id"] == "a"]
+    board.smoothing.value = 0.8
+    board.log_y.value = True
+    spec = board.chart.chart.to_dict()
+    smooth = [r["grad_norm"] for d in spec["datasets"].values() for r in d if r["run_id"] == "a"]
+    assert spec["encoding"]["y"]["scale"]["type"] == "log" and "EMA 0.80" in spec["title"]
+    assert smooth[-1] < raw[-1]  # the EMA lags behind the rising grad norm
+    # Two runs picked together are one cohort: the table ranks them by early score.
+    assert set(board.table.frame["cohort"]) == {"selected"}
+
+
+def test_board_stop_message_is_cleared_once_the_runs_have_ended(tmp_path):
+    fake_run(tmp_path, "a", state="running", steps=3)
+    board = Board(str(tmp_path), auto_refresh=False)
+    board.select.value = ("a",)
+    # "a" has no live process: its status reads failed, so nothing is left to stop.
+    board.stop_selected(timeout=1)
+    assert "nothing" in board.message.value
+    board._stopping["a"] = None  # as if a stop had been sent before the run ended
+    board.refresh()
+    assert "stopping" not in board.message.value and "a: failed" in board.message.value
+
+
+def test_monitor_shows_lr_val_loss_throughput_memory_and_eta(tmp_path):
+    run = fake_run(tmp_path, "m", state="running", steps=4, total=10)
+    with (run.dir / runfiles.METRICS).open("a") as fh:
+        fh.write(json.dumps({"step": 5, "samples": 40, "loss": 0.5, "grad_norm": 1.0, "lr": 3e-3, "val_loss": 0.9,
+                             "tokens_per_s": 12345.0, "peak_mem_mb": 2048.0, "time": 50.0}) + "\n")
+    status = {"state": "running", "step": 5, "total_steps": 10}
+    from labkit.widgets import stats_html
+
+    text = stats_html(run.metrics(), status)
+    assert "lr 3.00e-03" in text and "val loss 0.9" in text and "12,345 tokens/s" in text
+    assert "peak mem 2,048 MB" in text and "ETA 50s" in text
+
+
+def test_runs_table_widget_keeps_the_chosen_sort_across_refreshes(tmp_path):
+    from labkit.widgets import RunsTable
+
+    fake_run(tmp_path, "a", steps=4)
+    fake_run(tmp_path, "b", steps=6)
+    t = RunsTable(tmp_path)
+    t.refresh()
+    t.sort.value = "step"
+    t.refresh()
+    assert t.sort.value == "step" and t.frame["run"].tolist() == ["b", "a"]
+    t.where.value = "step < 5"
+    assert t.frame["run"].tolist() == ["a"] and "<table" in t.html.value
+    t.columns.value = "no_such_field"
+    assert "no_such_field" in t.error.value
