@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,19 @@ class RunLock:
         self.path = Path(run_dir) / LOCK
         self._fh = None
 
-    def acquire(self) -> None:
+    def acquire(self, wait: float = 5.0) -> None:
+        """Take the lock, waiting up to `wait` s: a trainer killed a moment ago may still be exiting."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = self.path.open("a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             fh.close()
