@@ -34,7 +34,6 @@ from labkit.runfiles import checkpoints
 
 COMPLETE = "checkpoint.json"
 LOCK = ".trainer.lock"
-LOCK_GRACE_S = 5.0
 EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
@@ -50,19 +49,18 @@ class RunLock:
         self.path = Path(run_dir) / LOCK
         self._fh = None
 
-    def acquire(self) -> None:
+    def acquire(self, wait: float = 5.0) -> None:
+        """Take the lock, waiting up to `wait` s: a trainer killed a moment ago may still be exiting."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = self.path.open("a+")
-        # A trainer killed a moment ago may still be exiting (its lock goes with its last file
-        # descriptor): give it a few seconds before calling the run busy.
-        deadline = time.monotonic() + LOCK_GRACE_S
+        deadline = time.monotonic() + wait
         while True:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() < deadline:
-                    time.sleep(0.2)
+                    time.sleep(0.1)
                     continue
             fh.seek(0)
             holder = fh.read().strip() or "another process"

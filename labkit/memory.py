@@ -25,6 +25,7 @@ What a rank holds while it trains (bytes; P parameters, N ranks, T = max_tokens_
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -141,20 +142,24 @@ def wants_checkpointing(setting: bool | str, params: int) -> bool:
 
 def visible_gpu_memory() -> list[int]:
     """Total bytes of each GPU this process may use, without initializing CUDA (the notebook kernel must
-    not hold a CUDA context); [] when there is none."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not shutil.which("nvidia-smi"):
-        return []
+    not hold a CUDA context); [] when there is none. Asked once per CUDA_VISIBLE_DEVICES value."""
+    return list(_gpu_memory(os.environ.get("CUDA_VISIBLE_DEVICES")))
+
+
+@functools.lru_cache(maxsize=8)
+def _gpu_memory(visible: str | None) -> tuple[int, ...]:
+    if visible == "" or not shutil.which("nvidia-smi"):
+        return ()
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=20, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        return []
+        return ()
     sizes = [int(float(x)) * 2**20 for x in out.split() if x.strip()]
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:
         idx = [int(x) for x in visible.split(",") if x.strip().isdigit()]
         sizes = [sizes[i] for i in idx if i < len(sizes)] if idx else sizes
-    return sizes
+    return tuple(sizes)
 
 
 def _model_shape(cfg: RunConfig) -> Shape | None:
@@ -190,7 +195,7 @@ def auto_strategy(cfg: RunConfig, world: int) -> str:
 
 def check(cfg: RunConfig, gpus: list[int] | None = None) -> list[str]:
     """Problems of the memory plan, one message each ([] when it fits or there is no GPU to size against)."""
-    if cfg.distributed.cpu:
+    if cfg.distributed.cpu or _model_shape(cfg) is None:
         return []
     gpus = visible_gpu_memory() if gpus is None else gpus
     if not gpus:

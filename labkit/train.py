@@ -381,7 +381,7 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         if cfg.save_final and (not loop.stopped or cfg.save_final_on_stop):
             checkpoint.save_final(model, base, tokenizer, run_dir, loop.position(), d.rank, cfg.export_dtype)
         loop.bar.close()
-        pending = loop.evals.wait(EVAL_WAIT_S) if main else []
+        pending = loop.evals.wait(EVAL_WAIT_S, lambda: signals.count > 0) if main else []
         final = {"state": state, "stop_reason": reason, "step": loop.step, "samples": loop.samples,
                  "pending_evals": pending}
     except Exception as e:  # noqa: BLE001 - any failure on any rank must end in a readable status
@@ -657,10 +657,11 @@ class BackgroundEvals:
             if checkpoint.is_complete(ckpt):
                 self.start(ckpt)
 
-    def wait(self, timeout: float) -> list[str]:
-        """Wait for running evaluations (at most `timeout` s); returns those still pending (re-run on resume)."""
+    def wait(self, timeout: float, interrupted=lambda: False) -> list[str]:
+        """Wait for running evaluations (at most `timeout` s, or until `interrupted()`, e.g. a SIGTERM);
+        returns those still pending (their markers stay: re-run on resume)."""
         deadline = time.time() + timeout
-        while self.procs and time.time() < deadline:
+        while self.procs and time.time() < deadline and not interrupted():
             self.poll()
             time.sleep(0.2)
         left = sorted(c.name for c in self.procs)
