@@ -78,12 +78,15 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
          arg("--check", action="store_true", help="validate the config here (fields, model, datasets) and print "
              "it; start nothing"),
          arg("--wait", action="store_true", help="wait for the run to end and print its final status"),
+         arg("--on", choices=["local", "slurm"], default=None, help="where to train: this machine (default, or "
+             "$LABKIT_BACKEND) or one Slurm job (partition, account, time from the config's slurm: section or "
+             "$LABKIT_SLURM_PROFILE)"),
          arg("--multinode", metavar="DIR", help="do not start: write per-node scripts and a Slurm sbatch "
              "job for a run over several machines into DIR"))
 def cmd_run(args: argparse.Namespace) -> int:
     from labkit import paths, rundirs
     from labkit.config import ConfigError
-    from labkit.launch import as_config, launch, write_multinode
+    from labkit.launch import as_config, launch, where, write_multinode
 
     sets = _parse_sets(args.set)
     if args.name:
@@ -109,8 +112,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     if args.resume:
         cfg = cfg.with_updates(resume=True)
-    run = launch(cfg, overwrite=args.overwrite)
-    print(f"started {run.name}: {run.dir} (pid {run.launcher().get('pid')}, log {run.dir / 'train.log'})")
+    run = launch(cfg, overwrite=args.overwrite, backend=args.on)
+    place = where(run.placement()) or f"pid {run.launcher().get('pid')}"
+    print(f"started {run.name}: {run.dir} ({place}, log {run.dir / 'train.log'})")
     if not args.wait:
         return 0
     status = run.wait()
@@ -373,11 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from labkit.config import ConfigError
+    from labkit.slurm import SlurmError
+    from labkit.store import StoreError
 
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, FileNotFoundError, TimeoutError, ValueError, KeyError) as e:
+    except (ConfigError, FileNotFoundError, TimeoutError, ValueError, KeyError, SlurmError, StoreError) as e:
         print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

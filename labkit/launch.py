@@ -202,7 +202,10 @@ def launch(config: RunConfig | str | Path, overwrite: bool = False, backend: str
         raise ConfigError("\n  - ".join([f"run {cfg.name!r} cannot start:", *problems]))
     cfg = rundirs.claim_run_dir(cfg, overwrite=overwrite)  # never deletes a run: labkit/rundirs.py
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # check() catches the knowable cases; a race or a full disk lands here
+        raise ConfigError(f"runs_root: cannot create {run_dir}: {e.strerror or e}") from None
     config_path = cfg.save(run_dir / "config.yaml")
     (run_dir / runfiles.STOP).unlink(missing_ok=True)
     (run_dir / LAUNCHER).unlink(missing_ok=True)  # an old run's placement must not count as this one's

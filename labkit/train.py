@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from labkit import attention, checkpoint, runfiles, sharding
+from labkit import attention, checkpoint, liveness, runfiles, sharding
 from labkit.catalog import resolve
 from labkit.config import ConfigError, RunConfig, load_config
 from labkit.data import multipack
@@ -303,7 +303,8 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         (run_dir / runfiles.STOP).unlink(missing_ok=True)
         for old in (run_dir / ERRORS).glob("rank-*.json"):
             old.unlink()
-        update_status(run_dir, state="running", pid=os.getpid(), started_at=started, error=None,
+        # pid + its start time: a dead trainer whose pid was recycled is still seen dead (labkit.liveness).
+        update_status(run_dir, state="running", **liveness.identity(), started_at=started, error=None,
                       failed_rank=None, stop_reason=None, ended_at=None, world_size=d.world)
     sharding.barrier(d)  # no rank records an error before the old ones are cleared
     signals = StopSignals(d.rank)

@@ -188,24 +188,37 @@ def sweep_heatmap(df: pd.DataFrame, x: str = "effective_batch_size", y: str = "l
 
 
 def lr_schedule(cfg: RunConfig, total_steps: int | None = None, points: int = 1000) -> alt.Chart:
-    """The learning rate the run will use at each optimizer step (labkit.schedule.lr_at)."""
-    from labkit.schedule import estimate_total_steps, lr_at, warmup_steps
+    """The learning rate the run will use at each optimizer step: `labkit.schedule.run_schedule`, the
+    schedule the trainer runs (phases, epochs, a `max_steps` cut). `total_steps` previews one phase of
+    that many steps instead (before the data is known)."""
+    from labkit.schedule import RunSchedule, run_schedule, warmup_steps
 
-    total = total_steps if total_steps is not None else estimate_total_steps(cfg)
+    if total_steps is not None:
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        sched = RunSchedule(cfg.learning_rate, cfg.schedule, cfg.min_lr_ratio, (total_steps,),
+                            (warmup_steps(cfg, total_steps),))
+    else:
+        sched = run_schedule(cfg)
+    total = sched.total_steps
     if total < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total}")
-    warm = warmup_steps(cfg, total)
-    # Evenly spaced steps plus the warmup corner, so a long run previews in a few hundred points.
+        raise ValueError("the run has no optimizer steps to preview")
+    # Evenly spaced steps plus every phase's start, warmup corner and end, so a long run previews in a
+    # few hundred points and still shows each corner.
     steps = set(np.linspace(0, total - 1, min(total, points)).round().astype(int).tolist())
-    steps |= {s for s in (warm - 1, warm) if 0 <= s < total}
+    start = 0
+    for n, warm in zip(sched.phase_steps, sched.warmup):
+        steps |= {s for s in (start, start + warm - 1, start + warm, start + n - 1) if start <= s < start + n}
+        start += n
     df = pd.DataFrame({"step": [s + 1 for s in sorted(steps)]})
-    df["lr"] = [lr_at(s - 1, total, cfg) for s in df["step"]]
-    warm_txt = f", warmup {warm}" if warm else ""
+    df["lr"] = [sched.lr(s - 1) for s in df["step"]]
+    warm_txt = f", warmup {'/'.join(map(str, sched.warmup))}" if any(sched.warmup) else ""
+    phases = f", {len(sched.phase_steps)} phases" if len(sched.phase_steps) > 1 else ""
     return alt.Chart(df).mark_line().encode(
         x=alt.X("step", type="quantitative", title="optimizer step"),
         y=alt.Y("lr", type="quantitative", title="learning rate", axis=alt.Axis(format=".1e")),
         tooltip=["step", alt.Tooltip("lr", format=".3e")],
-    ).properties(title=f"{cfg.schedule} schedule, peak {cfg.learning_rate:g}, {total} steps{warm_txt}",
+    ).properties(title=f"{cfg.schedule} schedule, peak {cfg.learning_rate:g}, {total} steps{phases}{warm_txt}",
                  height=180)
 
 

@@ -118,6 +118,15 @@ def test_lr_schedule_previews_labkit_schedule():
     assert len(long) <= 1002 and long["lr"].max() == pytest.approx(1e-4) and 10 in set(long.step)
 
 
+def test_lr_preview_is_the_trainers_schedule_for_phased_runs_cut_by_max_steps():
+    from labkit.schedule import run_schedule
+
+    cfg = RunConfig(phases=[{"datasets": ["knowledge"]}, {"datasets": ["skills"]}], effective_batch_size=64,
+                    schedule="cosine", warmup_steps=2, learning_rate=1e-3, min_lr_ratio=0.1, max_steps=9)
+    values = pd.DataFrame(data_of(viz.lr_schedule(cfg)))
+    assert values["lr"].tolist() == pytest.approx(run_schedule(cfg).lrs())
+
+
 def test_html_is_self_contained(tmp_path):
     chart = viz.curves(pd.DataFrame({"run_id": ["a"] * 3, "step": [1, 2, 3], "loss": [3.0, 2.0, 1.0]}))
     html = viz.save(chart, tmp_path / "c.html").read_text()
