@@ -165,14 +165,17 @@ def mixed_precision_name(dtype: torch.dtype | None) -> str:
 def wrap(model: torch.nn.Module, strategy: str, d: Dist, dtype: torch.dtype | None) -> torch.nn.Module:
     """The model ready to train under `strategy`: FSDP2-sharded, DDP-wrapped or as is (on its device)."""
     if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # The mesh names the device: a CPU run on a GPU machine must not shard onto the GPUs.
+        mesh = init_device_mesh(d.device.type, (d.world,))
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         classes = tuple(block_classes(model))
         for m in list(model.modules()):
             if isinstance(m, classes):
-                fully_shard(m, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+                fully_shard(m, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
         return model
     model = model.to(d.device)
     if strategy == "ddp":

@@ -127,3 +127,21 @@ def test_python_m_labkit_train_on_a_finished_run_exits_2_and_keeps_its_metrics(t
 
     assert main([str(cfg.run_dir / "config.yaml")]) == 2
     assert (cfg.run_dir / runfiles.METRICS).read_text() == before
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_of_a_two_process_fsdp_run_stops_both_ranks_with_a_checkpoint(tmp_path):
+    # Kubernetes signals the container's first process only: torchrun forwards SIGTERM to its workers.
+    from labkit.launch import free_port, launch_command
+
+    cfg = cfg_for(tmp_path, epochs=50, distributed={"cpu": True, "num_processes": 2, "strategy": "fsdp"})
+    path = cfg.save(cfg.run_dir / "config.yaml")
+    proc = start(launch_command(cfg, path, port=free_port(), cuda=False))
+    wait_for(lambda: len(runfiles.read_metrics(cfg.run_dir)) >= 2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    status = runfiles.read_status(cfg.run_dir)
+    assert status["state"] == "stopped" and status["stop_reason"].startswith("SIGTERM"), out[-3000:]
+    assert status["strategy"] == "fsdp" and status["world_size"] == 2
+    assert checkpoint.read_position(checkpoints(cfg.run_dir)[-1])["step"] == status["step"]
+    assert "[rank 1] SIGTERM received" in out

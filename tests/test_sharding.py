@@ -1,7 +1,7 @@
 """Strategies on CPU with gloo, through real `accelerate launch` processes and the real trainer.
 
-Each 2-process launch costs 10-20 s of start-up here, so one launch per strategy trains every config of
-this module (tests/train_worker.py runs them in one process group).
+Each 2-process launch costs 10-20 s of start-up here, so one launch trains the configs of this module under
+both strategies (tests/train_worker.py runs them in one process group; each config names its strategy).
 """
 
 import json
@@ -81,21 +81,20 @@ def save(cfg: RunConfig) -> Path:
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory, tiny_dir):
-    """One DDP and one FSDP 2-process launch: the equality config and every architecture under each."""
+    """One 2-process launch: the equality config and every architecture, under DDP and under FSDP."""
     root = tmp_path_factory.mktemp("sharding")
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     models = {name: tiny_arch(name, tok, root / "models" / name) for name in ARCHS}
-    out = {}
-    for strategy in ("ddp", "fsdp"):
+    paths = []
+    for strategy in ("ddp", "fsdp"):  # one process group trains them all: the config picks the strategy
         dist = {"cpu": True, "num_processes": 2, "strategy": strategy}
-        paths = [save(RunConfig(name=f"eq-{strategy}", runs_root=str(root), distributed=dist, **EQ))]
+        paths.append(save(RunConfig(name=f"eq-{strategy}", runs_root=str(root), distributed=dist, **EQ)))
         for name, mdir in models.items():
             paths.append(save(RunConfig(name=f"{name}-{strategy}", runs_root=str(root), model=str(mdir),
                                         datasets=["eval_exact"], effective_batch_size=16, max_tokens_per_device=512,
                                         max_seq_len=256, max_steps=2, learning_rate=1e-3, distributed=dist)))
-        proc = worker(2, paths)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        out[strategy] = proc
+    proc = worker(2, paths)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     single = RunConfig(name="eq-single", runs_root=str(root), distributed={"cpu": True}, **EQ)
     assert train(single)["state"] == "finished"
     return root, models
