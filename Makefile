@@ -33,6 +33,9 @@ bench: venv
 	$(BIN)/python bench/loss.py
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/gpu_sft.py --dry-run   # on a CUDA machine: --preset 1b (see its --help)
+	$(BIN)/python bench/data_memory.py
+	$(BIN)/python bench/labels.py
+	$(BIN)/python -m bench.runs_table
 
 # On a lent GPU machine (bench/device_check.sh says what it runs; results in $$OUT or bench/results/device).
 device-check:

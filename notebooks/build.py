@@ -417,6 +417,45 @@ else:
 """),
 ]
 
+# -- 06: your data -----------------------------------------------------------------------------
+
+DATA = [
+    md("""
+# Your data, as the trainer will see it
+
+Each dataset read through labkit's converter (its card says the format), tokenized with the model's
+chat template (or `chat_template` for a base model), and audited: samples, tokens, the labelled share,
+samples with nothing to learn, whether every assistant turn ends in a labelled end-of-turn token, what
+was dropped or truncated, the length histogram. Below each audit, a few samples token by token:
+**green tokens are trained on**, grey ones are context. The same audit runs from a shell:
+`labkit data check DATASET --model MODEL`.
+"""),
+    params("""
+datasets = ["knowledge", "skills"]  # catalog names or paths
+model = "tiny"  # a local Hugging Face checkpoint directory, or tiny
+chat_template = None  # chatml | llama3 | granite | a .jinja file: for base models without one
+max_seq_len = 2048
+reasoning = "keep"  # keep | drop | template
+train_on = "assistant"  # assistant | last_assistant | all
+samples_shown = 3
+interactive = True
+runs_root = None
+"""),
+    code(SETUP + """
+from labkit.data import audit
+""", "hide-input"),
+    code("""
+tokenizer = audit.load_tokenizer(model, chat_template)
+audits = {}
+for name in datasets:
+    result, samples = audit.audit(name, model, tokenizer=tokenizer, max_seq_len=max_seq_len,
+                                  chat_template=chat_template, reasoning=reasoning, train_on=train_on)
+    display(Markdown(f"### {name}"), audit.view(result, samples, tokenizer, samples_shown))
+    audits[name] = result.as_dict()
+report.record("audit", audits)
+"""),
+]
+
 NOTEBOOKS = {
     "00_study.ipynb": ("The miniature study", STUDY),
     "01_run.ipynb": ("One run", RUN),
@@ -424,6 +463,7 @@ NOTEBOOKS = {
     "03_early_dynamics.ipynb": ("Early-training dynamics", EARLY),
     "04_phased_vs_stacked.ipynb": ("Phased or stacked", PHASED),
     "05_lab.ipynb": ("The lab", LAB),
+    "06_data.ipynb": ("Your data", DATA),
 }
 
 

@@ -178,3 +178,13 @@ def test_lab_notebook_shows_the_runs_table_and_overlaid_curves(root, one_run, gr
     rec = execute("05_lab.ipynb", out, runs_root=str(root))
     assert {"one", "grid__lr3e-3", "grid__lr3e-2"} <= {r["run"] for r in rec["runs"]}
     assert images(out) >= 1
+
+
+def test_data_notebook_audits_each_dataset_and_shows_labelled_tokens(tmp_path, tiny_dir):
+    out = tmp_path / "data.ipynb"
+    rec = execute("06_data.ipynb", out, datasets=["knowledge"])
+    knowledge = rec["audit"]["knowledge"]
+    assert knowledge["samples"] == knowledge["records"] > 0 and knowledge["no_label"] == 0
+    assert knowledge["turns_with_end"] == knowledge["labelled_turns"] > 0
+    html = out.read_text()
+    assert "trained (labelled)" in html and "background:#c8f7c5" in html  # the coloured token view

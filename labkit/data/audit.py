@@ -147,17 +147,22 @@ def sample_html(samples: list[TokenizedSample], tokenizer, n: int = 3) -> str:
     return legend + "".join(rows)
 
 
-def show(dataset: str, model: str = "tiny", n: int = 3, **kw: Any):
-    """Notebook cell: the audit as text and a coloured view of `n` samples (an IPython HTML object)."""
+def view(result: Audit, samples: list[TokenizedSample], tokenizer, n: int = 3):
+    """The audit as text, its problems in red, and a coloured view of `n` samples (an IPython HTML object)."""
     from IPython.display import HTML
 
-    tok = kw.pop("tokenizer", None) or load_tokenizer(model, kw.get("chat_template"))
-    result, samples = audit(dataset, model, tokenizer=tok, **kw)
     problems = result.problems()
     head = f"<pre>{html.escape(str(result))}</pre>"
     if problems:
         head += "<pre style='color:#b00'>" + html.escape("\n".join(problems)) + "</pre>"
-    return HTML(head + sample_html(samples, tok, n))
+    return HTML(head + sample_html(samples, tokenizer, n))
+
+
+def show(dataset: str, model: str = "tiny", n: int = 3, **kw: Any):
+    """Notebook cell: audit `dataset` and `view` it."""
+    tok = kw.pop("tokenizer", None) or load_tokenizer(model, kw.get("chat_template"))
+    result, samples = audit(dataset, model, tokenizer=tok, **kw)
+    return view(result, samples, tok, n)
 
 
 def write_json(result: Audit, path: Path) -> Path:
