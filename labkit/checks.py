@@ -88,7 +88,9 @@ def chat_template(cfg: RunConfig) -> list[str]:
             return [str(e)]
         return []
     mdir = Path(cfg.model).expanduser()
-    if cfg.model != "tiny" and mdir.is_dir() and not templates.has_chat_template(mdir):
+    if cfg.model == "tiny" or model_dir(cfg):
+        return []  # an unusable model dir is model_dir's one line, not two
+    if not templates.has_chat_template(mdir):
         return [f"chat_template: {cfg.model!r} has no chat template (a base model): set chat_template "
                 f"to one of {', '.join(templates.BUILTIN)} or a .jinja file"]
     return []

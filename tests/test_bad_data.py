@@ -108,4 +108,4 @@ def test_run_config_reaches_the_loader_with_skip_and_check_names_the_bad_line(tm
     path = data_file(tmp_path, GOOD, b"\xff\xfe", GOOD)
     problems = RunConfig(datasets=[str(path)]).check()
     assert any(f"{path}:2: not valid UTF-8" in p for p in problems)
-    assert RunConfig(datasets=[str(path)], on_bad_record="skip").check() == []
+    assert RunConfig(datasets=[str(path)], on_bad_record="skip", effective_batch_size=2).check() == []
