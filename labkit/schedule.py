@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -68,15 +69,22 @@ def phase_sizes(cfg: RunConfig) -> list[int]:
         for ds in phase.datasets:
             if ds not in counts:
                 card = catalog.resolve(ds)
-                counts[ds] = card.samples if card.samples is not None else _count_lines(card.path)
+                counts[ds] = card.samples if card.samples is not None else _count_samples(card)
             n += counts[ds]
         sizes.append(n)
     return sizes
 
 
-def _count_lines(path) -> int:
-    with open(path, "rb") as fh:
-        return sum(1 for line in fh if line.strip())
+def _count_samples(card) -> int:
+    # A JSONL file is one record a line (counted without parsing); any other container (parquet, csv,
+    # a save_to_disk dir) is read through the converter.
+    path = Path(card.path)
+    if path.is_file() and path.suffix == ".jsonl":
+        with path.open("rb") as fh:
+            return sum(1 for line in fh if line.strip())
+    from labkit.data import formats
+
+    return len(formats.read(card, on_error="skip")[0])
 
 
 def steps_per_epoch(samples: int, effective_batch_size: int) -> int:

@@ -140,7 +140,7 @@ def test_run_config_check_reads_the_dataset_through_the_converter(tmp_path):
     path = write(tmp_path / "bad.jsonl", ROWS["chat"][:2] + [{"messages": [{"role": "user", "content": "q"}]}])
     assert any(f"{path}:3: no assistant turn" in p for p in RunConfig(datasets=[str(path)]).check())
     ok = write(tmp_path / "ok.parquet", ROWS["alpaca"])
-    assert RunConfig(datasets=[str(ok)]).check() == []
+    assert RunConfig(datasets=[str(ok)], effective_batch_size=2).check() == []
 
 
 def test_plain_text_trains_every_token_of_the_text(tiny):
