@@ -87,7 +87,8 @@ def test_run_notebook_defaults_resolve_against_the_project_from_the_notebooks_fo
     # As a new user meets it: JupyterLab's kernel cwd is notebooks/, the paths are the defaults.
     monkeypatch.setenv("LABKIT_RUNS", str(tmp_path / "runs"))
     out = tmp_path / "default.ipynb"
-    rec = execute("01_run.ipynb", out, overrides={"max_steps": 2, "val_dataset": None, "epochs": 1}, **QUIET)
+    rec = execute("01_run.ipynb", out, overrides={"max_steps": 2, "warmup_steps": 0, "val_dataset": None, "epochs": 1},
+                  **QUIET)
     assert rec["run"]["run"] == "demo" and rec["run"]["state"] == "finished"
     assert (tmp_path / "runs" / "demo" / "metrics.jsonl").is_file()
     assert not (NOTEBOOKS / "runs").exists()
