@@ -60,6 +60,8 @@ def setup(interactive: bool) -> None:
         alt.renderers.register("labkit-batch", _batch_renderer)
         alt.renderers.enable("labkit-batch")
     pd.set_option("display.max_columns", 40)
+    # A run's full config is ~90 fields: a report shows every one (pandas would elide the middle past 60).
+    pd.set_option("display.max_rows", 200)
     pd.set_option("display.width", 200)
     pd.set_option("display.float_format", lambda v: f"{v:.4g}")
 
