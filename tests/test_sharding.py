@@ -58,10 +58,14 @@ def tiny_arch(name: str, tok, out: Path) -> Path:
         kw.update(query_pre_attn_scalar=8, sliding_window=64)
     if name == "qwen2":
         kw["tie_word_embeddings"] = True
+    # The architecture's own tokenizer class (chosen from config.json) may add tokens: Qwen2Tokenizer adds
+    # an unk. Size the vocabulary to the tokenizer the trainer will load from this directory.
+    ARCHS[name](**kw).save_pretrained(out)
+    tok.save_pretrained(out)
+    kw["vocab_size"] = len(AutoTokenizer.from_pretrained(out))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(ARCHS[name](**kw))
     model.save_pretrained(out)
-    tok.save_pretrained(out)
     return out
 
 
