@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from test_store import append, rows, write_run
 
-from labkit import cli, runfiles
+from labkit import cli, liveness, runfiles
 from labkit.store import Store
 
 
@@ -142,7 +142,8 @@ def test_a_dead_trainer_is_shown_failed_not_running(root):
     try:
         d = write_run(root, "a", rows(10), state="running")
         status = json.loads((d / runfiles.STATUS).read_text())
-        runfiles.write_json_atomic(d / runfiles.STATUS, {**status, "pid": proc.pid})
+        # As the trainer records itself: pid and process start time (labkit.liveness).
+        runfiles.write_json_atomic(d / runfiles.STATUS, {**status, **liveness.identity(proc.pid)})
         store = Store(root)
         assert store.runs_table()["status"].tolist() == ["running"]
     finally:
