@@ -452,6 +452,11 @@ class Run:
                         child.wait(timeout=30)
                     except subprocess.TimeoutExpired:
                         pass
+                # Its other processes (torchrun workers, the rendezvous server) follow within moments:
+                # a run that reads final is done only once nothing of it is left.
+                gone = time.time() + 30
+                while self.is_alive() and time.time() < gone:
+                    time.sleep(0.2)
                 return self.status()
             if deadline is not None and time.time() > deadline:
                 raise TimeoutError(f"run {self.name!r} still {status.get('state')} after {timeout}s")
