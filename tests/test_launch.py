@@ -5,11 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import launch_command_parser
+from waiting import wait_for
 
 from labkit import runfiles
 from labkit.config import ConfigError, RunConfig
@@ -32,14 +32,6 @@ def tiny_cfg(tmp_path, tiny_dir, monkeypatch):
         if run.is_alive():
             run.kill(grace=2)
 
-
-def wait_for(predicate, timeout=240, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_two_runs_train_at_once_one_is_stopped_the_other_finishes(tiny_cfg):

@@ -10,6 +10,7 @@ import subprocess
 import time
 
 import pytest
+from waiting import wait_for
 
 from labkit import runfiles
 from labkit.launch import Run, launch, overview, runs
@@ -17,14 +18,6 @@ from labkit.launch import Run, launch, overview, runs
 TINY = dict(model="tiny", datasets=["skills"], effective_batch_size=8, max_tokens_per_device=512,
             max_seq_len=256, learning_rate=1e-3, seed=3, distributed={"cpu": True})
 
-
-def wait_for(predicate, timeout=240, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def ticks(pid: int) -> int:

@@ -8,6 +8,7 @@ import time
 
 import pytest
 from slurm_cluster import slurm_cluster  # noqa: F401 - the session fixture
+from waiting import wait_for
 
 from labkit import runfiles, slurm, sweep
 from labkit.config import ConfigError, RunConfig
@@ -30,14 +31,6 @@ def on_slurm(slurm_cluster, tmp_path, tiny_dir, monkeypatch):  # noqa: F811
         if run.is_alive():
             run.kill(grace=2)
 
-
-def wait_for(predicate, timeout=120, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_run_submitted_to_slurm_trains_to_the_end(on_slurm, slurm_cluster):  # noqa: F811

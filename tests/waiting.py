@@ -1,0 +1,12 @@
+"""Polling for what a background process will do: the one wait the launcher, liveness and Slurm tests share."""
+
+import time
+
+
+def wait_for(predicate, timeout: float = 240, what: str = "condition") -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
