@@ -24,3 +24,32 @@ def tiny_dir():
     from labkit.tiny import ensure_tiny
 
     return ensure_tiny()
+
+
+_exit_status = 0
+
+
+def pytest_sessionfinish(session, exitstatus):
+    global _exit_status
+    _exit_status = int(exitstatus)
+    # In-process trainers may leave a torch process group; its gloo threads must not outlive the session.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    # Widget pollers, tokenizer and gloo worker threads still inside native code when the interpreter
+    # finalizes can abort it ("terminate called ... exception not rethrown") or hang it after every test
+    # has passed; the session's result is final by now, so leave with it directly.
+    import sys
+    import threading
+
+    alive = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    if alive:
+        print(f"\n[conftest] threads still alive at exit: {alive}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status)
