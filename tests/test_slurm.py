@@ -4,6 +4,8 @@ as local runs, each run its own job, the run directory on the (here: local) shar
 from __future__ import annotations
 
 import json
+import subprocess
+import threading
 import time
 
 import pytest
@@ -85,17 +87,35 @@ def test_a_job_that_fails_shows_its_error_in_status(on_slurm):
     assert "error: module cuda/12.4 not found" in status["error"]
 
 
+def release_when_queued(n: int, timeout: float = 240) -> None:
+    """Releases the held jobs once `n` of them are queued."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i %r"], capture_output=True, text=True)
+        held = [line.split()[0] for line in out.stdout.splitlines() if line.endswith("JobHeldUser")]
+        if len(held) >= n:
+            subprocess.run(["scontrol", "release", ",".join(held)], check=True, capture_output=True)
+            return
+        time.sleep(0.3)
+
+
 @pytest.mark.slow
 def test_a_four_run_sweep_on_slurm_stops_the_worse_half(slurm_cluster, tmp_path, tiny_dir, monkeypatch):  # noqa: F811
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     root = tmp_path / "runs"
+    # The jobs are held until all four are queued, then released at once, and a decision may wait
+    # 8 budgets for a slower run: runs started together are ranked together. (Started minutes
+    # apart, as on a busy cluster, later runs face the earlier ones' bar instead: test_sweep.)
     spec = {"name": "sl", "backend": "slurm", "concurrency": 4,
             "base": {**TINY, "datasets": ["knowledge"], "max_steps": 40, "save_final": False,
-                     "max_tokens_per_device": 2048, "max_seq_len": 256},
+                     "max_tokens_per_device": 2048, "max_seq_len": 256, "slurm": {"sbatch_args": ["--hold"]}},
             "axes": {"learning_rate": [3e-4, 3e-3, 3e-2, 3e-1]},
-            "early_termination": {"probe_samples": 24, "stop_fraction": 0.5, "min_runs": 2},
+            "early_termination": {"probe_samples": 24, "stop_fraction": 0.5, "min_runs": 2, "wait": 8},
             "parameters": {"evaluate_tasks": [], "poll_seconds": 0.5}}
+    released = threading.Thread(target=release_when_queued, args=(4,), daemon=True)
+    released.start()
     df = sweep.run_sweep(spec, root, poll=0.3, log=lambda _: None)
+    released.join(timeout=1)
     rec = sweep.read_sweep(root / "sweeps" / "sl")
     assert len(rec["early_termination"]["stopped"]) == 2, rec["early_termination"]
     assert sorted(df["state"]) == ["finished", "finished", "stopped", "stopped"], df[["run", "state", "error"]]
