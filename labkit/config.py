@@ -306,14 +306,23 @@ def parse_yaml(text: str, source: str | Path = "<config>") -> Any:
         raise ConfigError(f"{source}: not valid YAML: {e}") from None
 
 
+def read_mapping(path: str | Path, what: str = "run config") -> dict[str, Any]:
+    """A YAML file that must hold one mapping (an empty file is an empty one), duplicate keys refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such {what} file")
+    data = parse_yaml(path.read_text(), path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a {what} must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None, check: bool = False) -> RunConfig:
     """Read a run config from YAML; `overrides` are dotted keys (as papermill parameters give them)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    data = parse_yaml(path.read_text(), path) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a run config must be a YAML mapping, got {type(data).__name__}")
+    data = read_mapping(path)
     for key, value in (overrides or {}).items():
         set_dotted(data, key, value)
     cfg = from_dict(data, source=str(path))

@@ -31,10 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from labkit import runfiles
-from labkit.config import ConfigError, RunConfig, Slurm
+from labkit.config import ConfigError, RunConfig, Slurm, read_mapping
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO / "templates" / "slurm" / "run.sbatch"
@@ -62,14 +60,7 @@ def profile_path() -> Path:
 def options(cfg: RunConfig) -> Slurm:
     """The run's Slurm options: its config's `slurm:` fields over the cluster profile's."""
     path = profile_path()
-    data: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a Slurm profile must be a YAML mapping of slurm fields")
+    data = read_mapping(path, "Slurm profile") if path.is_file() else {}
     data.update(cfg.slurm.model_dump(exclude_unset=True))
     try:
         opts = Slurm.model_validate(data)

@@ -35,11 +35,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from labkit import rundirs, runfiles
-from labkit.config import ConfigError, RunConfig, error_lines, from_dict, set_dotted
+from labkit.config import ConfigError, RunConfig, error_lines, from_dict, read_mapping, set_dotted
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_NOTEBOOK = "notebooks/01_run.ipynb"
@@ -170,16 +169,14 @@ def _check_data(value: Any, where: str) -> None:
 
 
 def load_spec(path: str | Path) -> SweepSpec:
-    path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"{path}: no such sweep spec")
+    return _validate(_read_mapping(path, "sweep spec"), str(path))
+
+
+def _read_mapping(path: str | Path, what: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise SweepError(f"{path}: a sweep spec must be a YAML mapping")
-    return _validate(data, str(path))
+        return read_mapping(path, what)
+    except ConfigError as e:
+        raise SweepError(str(e)) from None
 
 
 def _validate(data: dict[str, Any], source: str | None) -> SweepSpec:
@@ -240,10 +237,7 @@ def _base(spec: SweepSpec) -> dict[str, Any]:
     candidates.append(ROOT / spec.base)
     for path in candidates:
         if path.is_file():
-            data = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(data, dict):
-                raise SweepError(f"{path}: base run config must be a YAML mapping")
-            return data
+            return _read_mapping(path, "base run config")
     raise SweepError(f"{spec.source or 'sweep spec'}: base: no such run config {spec.base!r}")
 
 

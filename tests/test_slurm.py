@@ -149,6 +149,15 @@ def test_a_two_node_job_runs_one_accelerate_per_node_with_slurms_rank_and_the_fi
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
 
 
+def test_a_duplicate_key_in_the_slurm_profile_is_refused_naming_file_and_line(tmp_path, monkeypatch):
+    profile = tmp_path / "slurm.yaml"
+    profile.write_text("partition: gpu\naccount: lab\npartition: debug\n")
+    monkeypatch.setenv("LABKIT_SLURM_PROFILE", str(profile))
+    cfg = RunConfig(**{**TINY, "name": "dup", "runs_root": str(tmp_path / "runs")})
+    with pytest.raises(ConfigError, match=r"slurm.yaml:3: partition: duplicate key \(first at line 1\)"):
+        slurm.options(cfg)
+
+
 def test_a_slurm_run_without_slurm_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
     cfg = RunConfig(**{**TINY, "name": "nowhere", "runs_root": str(tmp_path / "runs")})

@@ -67,6 +67,17 @@ def test_spec_errors_name_file_and_field(tmp_path):
         expand({"name": "s", "base": TINY, "axes": {"seed": [1]}, "early_termination": {"stop_fraction": 0.5}})
 
 
+def test_a_duplicate_key_in_a_sweep_spec_or_its_base_is_refused_naming_file_and_line(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nbase: base.yaml\naxes: {learning_rate: [1e-4]}\naxes: {seed: [1]}\n")
+    with pytest.raises(SweepError, match=r"s.yaml:4: axes: duplicate key \(first at line 3\)"):
+        sweep.load_spec(path)
+    path.write_text("name: s\nbase: base.yaml\naxes: {learning_rate: [1e-4]}\n")
+    (tmp_path / "base.yaml").write_text("model: tiny\nlearning_rate: 1e-5\nlearning_rate: 2e-5\n")
+    with pytest.raises(SweepError, match=r"base.yaml:3: learning_rate: duplicate key"):
+        expand(sweep.load_spec(path))
+
+
 def test_run_key_is_path_safe():
     assert run_key({"learning_rate": 2e-5, "effective_batch_size": 3840}) == "lr2e-5_ebs3840"
     assert run_key({"datasets": ["a/b", "c"]}) == "datasets-a-b-c"
