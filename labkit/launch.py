@@ -19,16 +19,13 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
 from labkit import gpus as gpus_mod
 from labkit import liveness, rendezvous, rundirs, runfiles, slurm
 from labkit.config import ConfigError, RunConfig, load_config
-
-if TYPE_CHECKING:
-    from labkit.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "templates"
@@ -548,28 +545,6 @@ def runs(root: str | Path = "runs") -> list[Run]:
 
     found = [Run(p.parent) for p in root.glob("*/config.yaml")]
     return sorted(found, key=launched, reverse=True)
-
-
-def overview(root: str | Path = "runs", early: bool = True, store: Store | None = None) -> pd.DataFrame:
-    """One row per run, newest first: state (with liveness), step, samples, last loss, and the early score
-    over the first 100 steps from `labkit.store` (higher is better; see `Store.early_dynamics`).
-    `store`: a Store of `root` to reuse (a new one otherwise)."""
-    rows = []
-    columns = ["name", "state", "step", "total_steps", "samples", "loss", "where", "reason"]
-    for run in runs(root):
-        s = run.status()
-        rows.append({"name": run.name, "state": s.get("state"), "step": s.get("step"),
-                     "total_steps": s.get("total_steps"), "samples": s.get("samples"), "loss": s.get("loss"),
-                     "where": where(s["placement"]), "reason": s.get("pending_reason")})
-    df = pd.DataFrame(rows, columns=columns)
-    if early and len(df):
-        if store is None:
-            from labkit.store import Store
-
-            store = Store(root)
-        scores = store.early_dynamics()[["run_id", "early_score"]].rename(columns={"run_id": "name"})
-        df = df.merge(scores, how="left", on="name")
-    return df
 
 
 def where(placement: dict[str, Any]) -> str | None:

@@ -124,7 +124,8 @@ def runs_table(root: str | Path | None = None, columns: Sequence[str] | None = N
                **{c: r.get(c) for c in evals},
                # Local wall-clock time, as people read it.
                "started": pd.Timestamp(datetime.fromtimestamp(started)) if started else pd.NaT,
-               "duration": ((now if live else ended or now) - started) if started else None}
+               "duration": ((now if live else ended or now) - started) if started else None,
+               "placement": placement_text(status)}
         rows.append(row)
     df = pd.DataFrame(rows)
     if not len(df):
@@ -135,7 +136,7 @@ def runs_table(root: str | Path | None = None, columns: Sequence[str] | None = N
     df["progress"] = pd.to_numeric(df["progress"], errors="coerce")
     df["duration"] = pd.to_numeric(df["duration"], errors="coerce")
     order = ["run", "state", "progress", "step", *[c for c in config_cols if c not in _ALL_NAMES],
-             "cohort", "early_score", "early_rank", "loss", "val_loss", *evals, "started", "duration"]
+             "cohort", "early_score", "early_rank", "loss", "val_loss", *evals, "started", "duration", "placement"]
     df = df[order]
     if where:
         con = duckdb.connect()
@@ -159,7 +160,7 @@ def runs_table(root: str | Path | None = None, columns: Sequence[str] | None = N
 
 _DESC_BY_DEFAULT = {"early_score", "started", "duration", "progress", "step"}
 _ALL_NAMES = {"run", "state", "progress", "step", "cohort", "early_score", "early_rank", "loss", "val_loss",
-              "started", "duration"}
+              "started", "duration", "placement"}
 _STORE_ONLY = {"run_id", "status", "started_at", "updated_at", "ended_at", "stop_reason", "error", "total_steps",
                "last_step", "samples", "total_samples", "config_error", "last_loss", "min_loss", "last_val_loss",
                "min_val_loss"}
@@ -167,8 +168,17 @@ _STORE_ONLY = {"run_id", "status", "started_at", "updated_at", "ended_at", "stop
 
 def empty(columns: Sequence[str] | None = None) -> pd.DataFrame:
     cols = ["run", "state", "progress", "step", *(DEFAULT_CONFIG_COLUMNS if columns is None else columns),
-            "cohort", "early_score", "early_rank", "loss", "val_loss", "started", "duration"]
+            "cohort", "early_score", "early_rank", "loss", "val_loss", "started", "duration", "placement"]
     return pd.DataFrame(columns=list(dict.fromkeys(cols)))
+
+
+def placement_text(status: dict[str, Any]) -> str | None:
+    """Where a run trains, and why it waits if it does: `slurm job 42 on node1 (Slurm: Resources)`."""
+    from labkit.launch import where
+
+    text = where(status.get("placement") or {})
+    reason = status.get("pending_reason") if status.get("state") == "pending" else None
+    return f"{text} ({reason})" if text and reason else text or reason
 
 
 # -- readable ------------------------------------------------------------------------------------

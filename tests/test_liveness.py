@@ -13,7 +13,8 @@ import pytest
 from waiting import wait_for
 
 from labkit import runfiles
-from labkit.launch import Run, launch, overview, runs
+from labkit.launch import Run, launch, runs
+from labkit.table import runs_table
 
 TINY = dict(model="tiny", datasets=["skills"], effective_batch_size=8, max_tokens_per_device=512,
             max_seq_len=256, learning_rate=1e-3, seed=3, distributed={"cpu": True})
@@ -59,7 +60,7 @@ def test_a_trainer_killed_with_sigkill_reads_as_died_with_its_last_step(tmp_path
         status = Run(run.dir).status()  # a fresh Run, as after a notebook restart
         assert status["state"] == "failed" and status["died"] is True
         assert status["step"] == last and f"died at step {last}" in status["error"]
-        row = overview(run.dir.parent, early=False).iloc[0]  # what `labkit ls` prints
+        row = runs_table(run.dir.parent).iloc[0]  # what `labkit ls` prints
         assert row["state"] == "failed" and row["step"] == last
         assert runfiles.read_status(run.dir)["state"] == "running"  # the trainer's file is left as it was
     finally:

@@ -14,7 +14,8 @@ from waiting import wait_for
 
 from labkit import runfiles, slurm, sweep
 from labkit.config import ConfigError, RunConfig
-from labkit.launch import Run, launch, overview, runs
+from labkit.launch import Run, launch, runs
+from labkit.table import runs_table
 
 TINY = dict(model="tiny", datasets=["skills"], effective_batch_size=8, max_tokens_per_device=512, max_seq_len=128,
             learning_rate=1e-3, seed=3, keep_checkpoints=1, distributed={"cpu": True})
@@ -51,7 +52,7 @@ def test_a_run_submitted_to_slurm_trains_to_the_end(on_slurm, slurm_cluster):  #
     placement = run.placement()
     assert placement["node"] == slurm_cluster["node"]
     assert "#SBATCH --nodes=1" in (run.dir / "slurm.sbatch").read_text()
-    assert f"slurm job {placement['job_id']} on {slurm_cluster['node']}" in list(overview(run.dir.parent, early=False)["where"])
+    assert f"slurm job {placement['job_id']} on {slurm_cluster['node']}" in list(runs_table(run.dir.parent)["placement"])
     print(f"slurm job start latency {started:.1f}s, run {time.time() - t0:.1f}s")
 
 

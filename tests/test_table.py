@@ -119,3 +119,18 @@ def test_html_table_sorts_and_filters_offline(tmp_path):
     assert "addEventListener('click'" in page and "runs-filter" in page
     assert "http" not in page.replace("a/report.html", "")
     assert '<a href="a/report.html">a</a>' in page
+
+
+def test_placement_says_where_each_run_trains_and_why_a_queued_one_waits(tmp_path):
+    from labkit.launch import LAUNCHER
+
+    on_gpus = make_run(tmp_path, "gpus", state="finished")
+    runfiles.write_json_atomic(on_gpus / LAUNCHER, {"backend": "local", "node": "node1", "gpus": [0, 1]})
+    queued = make_run(tmp_path, "queued", state="pending", steps=0)
+    # Just launched: alive by the launch window, as while launch() waits for GPUs.
+    runfiles.write_json_atomic(queued / runfiles.STATUS, {"state": "pending", "launched_at": time.time()})
+    runfiles.write_json_atomic(queued / LAUNCHER, {"backend": "local", "node": "node1", "gpus_needed": 2,
+                                                    "pending_reason": "waiting for 2 free GPUs"})
+    df = table.runs_table(tmp_path).set_index("run")
+    assert df.loc["gpus", "placement"] == "node1 gpu 0,1"
+    assert df.loc["queued", "placement"] == "queued for 2 GPUs (waiting for 2 free GPUs)"
