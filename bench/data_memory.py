@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -37,6 +35,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import results as bench_results  # noqa: E402 - bench/results.py, beside this script
+
 from labkit.buildonce import build_once  # noqa: E402
 from labkit.data.tokenize import IGNORE  # noqa: E402
 from labkit.data.tokenstore import StoreWriter, TokenStore, build_store  # noqa: E402
@@ -210,13 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     if "tokenize" in args.cases:
         tokenize = tokenize_case(args.records, args.workers, args.seed)
     result = {
-        "machine": platform.platform(), "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+        **bench_results.machine(),
         "store": built, "ranks_on_node": nodes, "tokenize": tokenize,
         "targets": {"private_mb_per_rank_below": 1024, "open_seconds_below": 5},
         "ok": all(n["max_private_mb"] < 1024 and n["max_open_seconds"] < 5 for n in nodes),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    bench_results.write(args.out, result)
     print(f"targets met: {result['ok']}; wrote {args.out}")
     return 0
 

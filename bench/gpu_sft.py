@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import results as bench_results  # noqa: E402 - bench/results.py, beside this script
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
@@ -432,8 +432,7 @@ def main(argv: list[str] | None = None) -> int:
               "peak_mem": "torch.cuda.max_memory_allocated, per system" if device.type == "cuda"
               else "process max RSS: it cannot be reset, so it grows over the systems in run order",
               "args": {**vars(args), "out": str(args.out)}, "systems": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    bench_results.write(args.out, report)
     print_table(results)
     print(f"-> {args.out}")
     return 1 if any("error" in r for r in results.values()) else 0

@@ -16,6 +16,8 @@ import json
 import time
 from pathlib import Path
 
+import results as bench_results  # noqa: E402 - bench/results.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -53,10 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                          "cpu_s": round(cpu, 3), "us_per_sample": round(1e6 * cpu / len(recs), 1),
                          "us_per_1k_tokens": round(1e6 * cpu / tokens * 1000, 1), "strategy": report["strategy"]})
             print(json.dumps(rows[-1]))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"bench": "labels", "rows": rows}, indent=1))
-    print(out)
+    print(bench_results.write(args.out, {"bench": "labels", **bench_results.machine(), "rows": rows}))
     return 0
 
 

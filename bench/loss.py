@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+import results as bench_results  # noqa: E402 - bench/results.py, beside this script
 import torch
 
 VARIANTS = ("transformers", "chunked")
@@ -80,7 +79,8 @@ def main() -> None:
     if args.variant:
         print(json.dumps(one(args)))
         return
-    flags = [a for a in sys.argv[1:] if not a.startswith("--out")]
+    # Each variant runs in a fresh process (its peak memory is its own) with the same shape flags.
+    flags = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "out")]
     results = []
     for v in VARIANTS:
         out = subprocess.run([sys.executable, __file__, *flags, "--variant", v], check=True,
@@ -93,11 +93,9 @@ def main() -> None:
     summary = {"memory_ratio": ours["extra_mb"] / hf["extra_mb"], "speedup": hf["seconds"] / ours["seconds"],
                "loss_rel_diff": abs(ours["loss"] - hf["loss"]) / abs(hf["loss"])}
     print(summary)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "variant"},
-                               "machine": platform.platform(), "torch": torch.__version__,
-                               "results": results, **summary}, indent=2))
+    out = bench_results.write(args.out, {"args": {k: v for k, v in vars(args).items() if k != "variant"},
+                                         **bench_results.machine(), "torch": torch.__version__,
+                                         "results": results, **summary})
     print(f"wrote {out}")
 
 

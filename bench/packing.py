@@ -29,10 +29,8 @@ counts what instructlab-training 0.6.1 needs for the same data:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -40,6 +38,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import results as bench_results  # noqa: E402 - bench/results.py, beside this script
+
 from labkit.data.multipack import packing_efficiency, plan_epoch  # noqa: E402
 
 
@@ -303,10 +303,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"{c['labkit_vs_instructlab']:>+7.1%} {prev} | {c['labkit_plan_seconds']:>6.2f}",
                           flush=True)
     result = {"samples": args.samples, "instructlab_walk": "python" if args.python or _compiled() is None else "c", "distribution": "lognormal sigma 0.9, clipped to [50, 4096]",
-              "seed": args.seed, "machine": platform.platform(), "python": platform.python_version(),
+              "seed": args.seed, **bench_results.machine(),
               "all_ok": all(c["ok"] for c in cells), "cells": cells}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    bench_results.write(args.out, result)
     print(f"all cells within instructlab's micro-batches: {result['all_ok']}; wrote {args.out}")
     return 0
 

@@ -4,20 +4,20 @@ Generates RUNS synthetic runs (bench/store.py's generator: config, status, metri
 cohort with a probe budget, then times `labkit.table.runs_table` (first call with the store's
 ingest, then a refresh), `readable()` and the offline sortable HTML. Writes bench/results/runs_table.json.
 
-    python -m bench.runs_table [--runs 200] [--steps 500] [--quick]
+    python bench/runs_table.py [--runs 200] [--steps 500] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import tempfile
 from pathlib import Path
 
-from bench.store import generate, timed
+import results as bench_results  # noqa: E402 - bench/results.py, beside this script
+from store import generate, timed  # bench/store.py's generator
+
 from labkit import table
 from labkit.store import Store
 
@@ -49,11 +49,10 @@ def main() -> None:
         results = {"runs": runs, "steps": steps, "first_s": t_first, "refresh_s": t_again, "where_sort_s": t_where,
                    "readable_s": t_readable, "html_s": t_html, "html_kb": round(len(page) / 1024, 1),
                    "ranked": int(again["early_rank"].notna().sum()), "columns": again.shape[1],
-                   "cpus": os.cpu_count(), "python": platform.python_version()}
+                   **bench_results.machine()}
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    bench_results.write(args.out, results)
     print(json.dumps(results, indent=1))
 
 

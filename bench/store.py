@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import results as bench_results  # noqa: E402 - bench/results.py, beside this script
 
 from labkit.config import RunConfig
 from labkit.store import Store
@@ -121,13 +120,12 @@ def main() -> None:
             "live_group_by_s": t_live, "live_rows_runs": len(live_rows),
             "live_early_dynamics_s": t_live_rank,
             "db_mb": round(store.db.stat().st_size / 2**20, 1),
-            "cpus": os.cpu_count(), "python": platform.python_version(),
+            **bench_results.machine(),
         }
     finally:
         if not args.root:
             shutil.rmtree(root, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    bench_results.write(args.out, results)
     print(json.dumps(results, indent=1))
 
 

@@ -10,22 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import secrets
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+from jupyterlab_driver import CHROMIUM, CHROMIUM_FLAGS, ROOT, lab_session, open_notebook, run_all, wait_idle
 
 try:
     import playwright.sync_api  # noqa: F401
@@ -41,71 +31,6 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_lab(work: Path, runs: Path) -> tuple[subprocess.Popen, str]:
-    """JupyterLab over the project on a free port; returns the process and the /lab URL with its token."""
-    port, token = free_port(), secrets.token_hex(16)
-    settings = work / "settings" / "@jupyterlab" / "docmanager-extension"
-    settings.mkdir(parents=True)
-    (settings / "plugin.jupyterlab-settings").write_text(json.dumps({"autosave": False}))
-    notes = work / "settings" / "@jupyterlab" / "apputils-extension"
-    notes.mkdir(parents=True)
-    (notes / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false",
-                                                                         "checkForUpdates": False}))
-    env = {**os.environ, "LABKIT_RUNS": str(runs), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "JUPYTERLAB_SETTINGS_DIR": str(work / "settings"), "JUPYTERLAB_WORKSPACES_DIR": str(work / "ws"),
-           "JUPYTER_RUNTIME_DIR": str(work / "runtime")}
-    log = (work / "lab.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
-         f"--ServerApp.port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={ROOT}",
-         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-         *(["--allow-root"] if os.geteuid() == 0 else [])],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"JupyterLab exited: {(work / 'lab.log').read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
-            return server, f"{url}/lab?token={token}"
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError("JupyterLab did not answer within 90 s")
-
-
-def open_notebook(page, name: str) -> None:
-    """Open notebooks/NAME from the file browser, as a user would."""
-    page.locator(".jp-DirListing-item", has_text="notebooks").first.dblclick()
-    page.locator(".jp-DirListing-item", has_text=name).first.dblclick()
-    page.wait_for_selector(f".lm-TabBar-tab:has-text('{name}')", timeout=30_000)
-    # JupyterLab may ask which kernel to start; its default is the notebook's own (python3).
-    dialog = page.locator(".jp-Dialog", has_text="Select Kernel")
-    try:
-        dialog.wait_for(timeout=5_000)
-        dialog.locator("button", has_text="Select").click()
-    except Exception:  # noqa: BLE001 - no dialog: the kernel started by itself
-        pass
-    wait_idle(page, 60)
-
-
-def run_all(page) -> None:
-    page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
-    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).click()
-
-
-def wait_idle(page, timeout: float) -> None:
-    """Until the current notebook's kernel is idle (the status bar follows the notebook in front)."""
-    page.wait_for_timeout(500)
-    page.locator(".jp-StatusBar-Widget", has_text=re.compile(r"\|\s*Idle")).first.wait_for(timeout=timeout * 1000)
-
-
 def no_script_errors(page) -> None:
     text = page.locator("body").inner_text()
     assert "Error loading script" not in text
@@ -116,20 +41,10 @@ def no_script_errors(page) -> None:
 def lab(tmp_path, tiny_dir):
     originals = {p: p.read_bytes() for p in (ROOT / "notebooks").glob("*.ipynb")}
     runs = tmp_path / "runs"
-    server, url = start_lab(tmp_path, runs)
     try:
-        yield url, runs
+        with lab_session(tmp_path, runs) as url:
+            yield url, runs
     finally:
-        os.killpg(server.pid, 15)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
-        from labkit.launch import runs as all_runs
-
-        for run in all_runs(runs):
-            if run.is_alive():
-                run.kill(grace=2)
         for p, data in originals.items():  # autosave is off; this only guards against a regression
             assert p.read_bytes() == data, f"{p} was rewritten by the browser session"
         shutil.rmtree(ROOT / "notebooks" / ".ipynb_checkpoints", ignore_errors=True)
@@ -191,7 +106,6 @@ def session(page, url: str, runs: Path) -> None:
     no_script_errors(page)
 
     # 05_lab: the runs table and an overlaid chart of the run.
-    page.locator(".jp-BreadCrumbs-home").first.click()
     open_notebook(page, "05_lab.ipynb")
     run_all(page)
     board = page.locator(".labkit-board").first

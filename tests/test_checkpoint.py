@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
+from trainer_runs import TINY_EXACT, WORKER, tiny_exact
 
 from labkit import checkpoint, runfiles
 from labkit.config import RunConfig
@@ -16,13 +17,10 @@ from labkit.launch import _child_env, free_port, launch_command
 from labkit.train import checkpoints, train
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKER = ROOT / "tests" / "train_worker.py"
-BASE = dict(model="tiny", datasets=["eval_exact"], effective_batch_size=16, max_tokens_per_device=1024,
-            max_seq_len=256, seed=7, learning_rate=1e-3, distributed={"cpu": True})
 
 
 def cfg_for(tmp_path, **kw) -> RunConfig:
-    return RunConfig(**{"name": "c", "runs_root": str(tmp_path), **BASE, **kw})
+    return tiny_exact(tmp_path, **{"name": "c", "effective_batch_size": 16, **kw})
 
 
 def save(cfg: RunConfig) -> Path:
@@ -128,7 +126,7 @@ def fsdp_worker(configs: list[Path], *extra: str) -> subprocess.CompletedProcess
 def test_kill_9_under_fsdp_at_an_epoch_and_a_phase_boundary_then_resume_on_one_rank(tmp_path):
     """Phase 0: 2 epochs of 3 steps, phase 1: 1 epoch; checkpoints at steps 3 (epoch boundary) and 6 (phase
     boundary). Killed at the start of steps 5 and 8, resumed on 2 ranks, then on 1 (another world size)."""
-    kw = dict(BASE, datasets=[], phases=[{"datasets": ["eval_exact"], "epochs": 2}, {"datasets": ["eval_exact"]}],
+    kw = dict(TINY_EXACT, datasets=[], phases=[{"datasets": ["eval_exact"], "epochs": 2}, {"datasets": ["eval_exact"]}],
               effective_batch_size=40, save_every_samples=120, keep_checkpoints=3,
               distributed={"cpu": True, "num_processes": 2, "strategy": "fsdp"})
     ref = RunConfig(name="ref", runs_root=str(tmp_path), **kw)

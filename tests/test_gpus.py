@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from notebook_files import parameterized_notebook
 
 from labkit import gpus, runfiles, sweep
 from labkit.config import ConfigError, RunConfig
@@ -157,8 +158,6 @@ class GpuWatch(threading.Thread):
 
 @pytest.mark.slow
 def test_six_runs_of_1_1_2_2_1_4_gpus_share_four_gpus_and_all_finish(tmp_path, tiny_dir, four_gpus):
-    import nbformat
-
     root = tmp_path / "runs"
     # A run holding all four GPUs first: the sweep queues behind it until it is killed with -9.
     hog = launch(RunConfig(**TINY, name="hog", epochs=100, runs_root=str(root), distributed={"num_processes": 4}))
@@ -166,15 +165,10 @@ def test_six_runs_of_1_1_2_2_1_4_gpus_share_four_gpus_and_all_finish(tmp_path, t
     watch = GpuWatch(root)
     watch.start()
 
-    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
-                                                           "display_name": "Python 3"}})
-    params = nbformat.v4.new_code_cell("config_path = runs_root = None")
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(
-        "from labkit.config import load_config\nfrom labkit.launch import launch\n"
-        "run = launch(load_config(config_path, {'runs_root': runs_root}))\n"
-        "status = run.wait(poll=0.3)\nassert status['state'] == 'finished', run.tail(30)")]
-    nbformat.write(nb, tmp_path / "launch.ipynb")
+    parameterized_notebook(tmp_path / "launch.ipynb", "config_path = runs_root = None",
+                           "from labkit.config import load_config\nfrom labkit.launch import launch\n"
+                           "run = launch(load_config(config_path, {'runs_root': runs_root}))\n"
+                           "status = run.wait(poll=0.3)\nassert status['state'] == 'finished', run.tail(30)")
     sizes = [1, 1, 2, 2, 1, 4]
     spec = {"name": "pack", "base": {**TINY, "max_steps": 2}, "concurrency": None,
             "notebook": str(tmp_path / "launch.ipynb"),

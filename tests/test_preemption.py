@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from trainer_runs import WORKER, tiny_exact
 
 from labkit import checkpoint, runfiles
 from labkit.config import RunConfig
@@ -17,13 +18,10 @@ from labkit.launch import _child_env
 from labkit.train import checkpoints, train
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKER = ROOT / "tests" / "train_worker.py"
-BASE = dict(model="tiny", datasets=["eval_exact"], effective_batch_size=8, max_tokens_per_device=1024,
-            max_seq_len=256, seed=7, learning_rate=1e-3, distributed={"cpu": True})
 
 
 def cfg_for(tmp_path, **kw) -> RunConfig:
-    return RunConfig(**{"name": "p", "runs_root": str(tmp_path), **BASE, **kw})
+    return tiny_exact(tmp_path, **{"name": "p", "effective_batch_size": 8, **kw})
 
 
 def start(cmd: list[str]) -> subprocess.Popen:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+from notebook_files import parameterized_notebook
 
 from labkit import runfiles, sweep
 from labkit.sweep import SweepError, compare_with_full, expand, run_key
@@ -296,19 +297,11 @@ HOSTILE = "1); import os; os.system('touch PWNED')#"
 @pytest.fixture
 def echo_notebook(tmp_path):
     """A run notebook that only writes down the parameters it received (no training)."""
-    import nbformat
-
-    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
-                                                           "display_name": "Python 3"}})
-    params = nbformat.v4.new_code_cell("note = None\nnested = None\nconfig_path = None")
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(
+    return parameterized_notebook(
+        tmp_path / "echo.ipynb", "note = None\nnested = None\nconfig_path = None",
         "import json, pathlib\n"
         "out = pathlib.Path(config_path).parent.parent / 'received.json'\n"
-        "out.write_text(json.dumps({'note': note, 'type': type(note).__name__, 'nested': nested}))")]
-    path = tmp_path / "echo.ipynb"
-    nbformat.write(nb, path)
-    return path
+        "out.write_text(json.dumps({'note': note, 'type': type(note).__name__, 'nested': nested}))")
 
 
 def hostile_spec(echo_notebook, parameters, tmp_path):
