@@ -126,14 +126,20 @@ def test_board_lists_runs_and_charts_the_selected(tmp_path):
     fake_run(tmp_path, "a", steps=4)
     fake_run(tmp_path, "b", state="stopped", steps=6)
     board = Board(str(tmp_path))
-    table = board.snapshot()
-    assert isinstance(table, pd.DataFrame) and set(table["run"]) == {"a", "b"}
-    assert set(table[["run", "state"]].itertuples(index=False, name=None)) == {("a", "finished"), ("b", "stopped")}
-    assert "<table" in board.table.html.value and set(board.select.options) == {"a", "b"}
-    board.select.value = ("a", "b")
-    spec = board.chart.chart.to_dict()
-    rows = [r for d in spec["datasets"].values() for r in d]
-    assert {r["run_id"] for r in rows} == {"a", "b"} and len(rows) == 10
+    try:
+        table = board.snapshot()
+        assert isinstance(table, pd.DataFrame) and set(table["run"]) == {"a", "b"}
+        assert set(table[["run", "state"]].itertuples(index=False, name=None)) == {("a", "finished"),
+                                                                                    ("b", "stopped")}
+        assert "<table" in board.table.html.value and set(board.select.options) == {"a", "b"}
+        board.select.value = ("a", "b")
+        spec = board.chart.chart.to_dict()
+        rows = [r for d in spec["datasets"].values() for r in d]
+        assert {r["run_id"] for r in rows} == {"a", "b"} and len(rows) == 10
+    finally:
+        board.close()
+    board._thread.join(timeout=10)
+    assert not board._thread.is_alive()  # closing the board ends its polling
 
 
 def test_board_picks_metric_x_axis_smoothing_and_log_scale(tmp_path):
