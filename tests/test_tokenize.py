@@ -172,6 +172,36 @@ def test_reply_tokens_start_where_inference_starts_them():
     assert labelled_runs(t, labels) == [" Hello there" + END]
 
 
+@pytest.mark.parametrize("prepend", ["always", "first"])
+def test_sentencepiece_style_replies_are_tokenized_as_a_reply_alone(prepend):
+    """Metaspace tokenizers (Llama-2, Mistral, Gemma) put "▁" before a word; "always" is sentencepiece's
+    legacy rule, "first" transformers' newer one. Either way the prompt is what inference tokenizes and
+    the reply is tokenized as a message on its own (as sentencepiece and mistral-common encode messages),
+    not glued to `[/INST]` as one string would be under "first"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend)
+    raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=prepend)
+    corpus = ["[INST] What is the capital of Varnholt? [/INST] Quillmere, of course.</s>"] * 50
+    raw.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], show_progress=False))
+    t = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    t.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                       "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ m['content'] + eos_token }}"
+                       "{% endif %}{% endfor %}")
+    reply = "Quillmere, of course."
+    conv = [{"role": "user", "content": "What is the capital of Varnholt?"}, {"role": "assistant", "content": reply}]
+    ids, labels = tokenize_chat(conv, t)
+    prompt = t(t.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"]
+    assert ids[: len(prompt)] == prompt
+    alone = t(reply, add_special_tokens=False)["input_ids"]
+    assert ids[len(prompt):] == [*alone, t.eos_token_id] and t.convert_ids_to_tokens(alone[0]) == "▁Quillmere,"
+    assert labelled_runs(t, labels) == [reply + "</s>"]
+
+
 def test_template_without_an_end_of_turn_token_is_refused_naming_the_cause(tok, tiny_dir):
     t = AutoTokenizer.from_pretrained(tiny_dir)
     t.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
