@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from labkit import paths, runfiles
+from labkit import paths, progress, runfiles
 
 DEFAULT_CONFIG_COLUMNS = ("learning_rate", "effective_batch_size", "schedule", "warmup_steps", "seed")
 LEAD = ("run", "state", "progress")
@@ -185,14 +185,7 @@ def placement_text(status: dict[str, Any]) -> str | None:
 
 
 def duration_text(seconds: float | None) -> str:
-    if seconds is None or pd.isna(seconds):
-        return ""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return "" if seconds is None or pd.isna(seconds) else progress.duration_text(seconds)
 
 
 def _number(v: Any, col: str) -> str:

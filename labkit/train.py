@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from labkit import attention, checkpoint, liveness, runfiles, sharding
 from labkit.catalog import resolve
@@ -41,6 +40,7 @@ from labkit.data.collate import collate_packed, collate_padded
 from labkit.data.templates import prepare_for_training
 from labkit.data.tokenstore import ConcatStore, load_tokenized
 from labkit.loss import chunked_loss, supports_chunked_loss
+from labkit.progress import Progress
 from labkit.runfiles import checkpoints
 from labkit.schedule import RunSchedule, run_schedule
 from labkit.tiny import resolve_model
@@ -369,9 +369,7 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
                     val, val_plan, signals, log)
         if main:
             loop.evals.resume_pending()
-        # In a log file (launched runs) a bar redraws as lines: redraw rarely there.
-        loop.bar = tqdm(total=total_steps, initial=pos["step"], unit="step", disable=not main, dynamic_ncols=True,
-                        mininterval=0.5 if sys.stderr.isatty() else 15)
+        loop.progress = Progress(total_steps, pos["step"], enabled=main, log=log)
         for p_idx, (phase, samples) in enumerate(zip(phases, data)):
             if p_idx < pos["phase"]:
                 continue
@@ -381,7 +379,7 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         state, reason = ("stopped" if loop.stopped else "finished"), loop.stop_reason
         if cfg.save_final and (not loop.stopped or cfg.save_final_on_stop):
             checkpoint.save_final(model, base, tokenizer, run_dir, loop.position(), d.rank, cfg.export_dtype)
-        loop.bar.close()
+        loop.progress.close()
         pending = loop.evals.wait(EVAL_WAIT_S, lambda: signals.count > 0) if main else []
         final = {"state": state, "stop_reason": reason, "step": loop.step, "samples": loop.samples,
                  "pending_evals": pending}
@@ -422,7 +420,7 @@ class Loop:
         self.save_on_stop, self.stop_reason = True, None
         self.high_grad_steps = 0
         self.evals = BackgroundEvals(cfg, d, log)
-        self.bar: tqdm | None = None
+        self.progress: Progress | None = None
         self.pad_id = tokenizer.pad_token_id
         self.packed_rows = cfg.packing and attention.needs_cu_seqlens(impl)
 
@@ -526,8 +524,7 @@ class Loop:
         cfg, d = self.cfg, self.d
         if self.val_plan is not None and self.crossed(cfg.val_every_samples, n_samples):
             row["val_loss"] = self.validation_loss()
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{row['loss']:.3f}", gnorm=f"{row['grad_norm']:.2f}", refresh=False)
+        self.progress.update(row)
         if self.writer:
             self.writer.write(row)
             update_status(self.run_dir, step=self.step, samples=self.samples, loss=row["loss"])

@@ -58,6 +58,9 @@ def test_two_runs_train_at_once_one_is_stopped_the_other_finishes(tiny_cfg):
     assert done["state"] == "finished", short.tail(40)
     assert list(short.metrics()["step"]) == [1, 2, 3, 4, 5, 6]
     assert (short.dir / "final" / "config.json").is_file()
+    log = (short.dir / "train.log").read_text()
+    assert "[labkit] step 1/6 (17%) · samples 8 · loss " in log and "[labkit] step 6/6 (100%)" in log
+    assert "\r" not in log  # plain lines in a log file, no progress-bar redraws
     assert "[labkit]" in short.tail(100)
 
     found = runs(short.dir.parent)
