@@ -17,7 +17,7 @@ import altair as alt
 import ipywidgets as w
 import pandas as pd
 
-from labkit import catalog, runfiles
+from labkit import catalog, runfiles, table
 from labkit.config import ConfigError, RunConfig, from_dict
 from labkit.launch import Run, launch, runs
 
@@ -222,9 +222,7 @@ def _eta(status: dict[str, Any], df: pd.DataFrame) -> str:
     elapsed = runfiles.finite_number(df["time"].iloc[-1])
     if not elapsed:
         return ""
-    from labkit.table import duration_text
-
-    return duration_text(elapsed / step * (total - step))
+    return table.duration_text(elapsed / step * (total - step))
 
 
 def stats_html(df: pd.DataFrame, status: dict[str, Any]) -> str:
@@ -309,7 +307,9 @@ class Monitor(w.VBox):
             detail = status.get("error") or status.get("stop_reason") or ""
             loss = f", loss {status['loss']:.4g}" if isinstance(status.get("loss"), int | float) else ""
             stopping = self.state not in runfiles.FINAL_STATES and (self.run.dir / runfiles.STOP).exists()
+            place = table.placement_text(status)
             self.status.value = (f"<b>{html.escape(str(self.state))}</b>{loss}"
+                                 + (f" &middot; {html.escape(place)}" if place else "")
                                  + (f" &mdash; {html.escape(str(detail))}" if detail else "")
                                  + (" &mdash; stopping: the trainer saves a checkpoint, then exits" if stopping else ""))
             self.stop_button.disabled = self.state in runfiles.FINAL_STATES or stopping
@@ -401,8 +401,6 @@ class RunsTable(w.VBox):
         self.add_class("labkit-runs-table")
 
     def refresh(self, cohort: list[str] | None = None) -> pd.DataFrame:
-        from labkit import table
-
         cols = [c.strip() for c in self.columns.value.split(",") if c.strip()]
         try:
             df = table.runs_table(self.root, columns=cols, where=self.where.value.strip() or None,

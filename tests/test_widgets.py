@@ -173,6 +173,23 @@ def test_board_stop_message_is_cleared_once_the_runs_have_ended(tmp_path):
     assert "stopping" not in board.message.value and "a: failed" in board.message.value
 
 
+def test_monitor_and_board_show_where_a_run_is_placed_and_why_a_queued_one_waits(tmp_path):
+    from labkit.launch import LAUNCHER
+
+    placed = fake_run(tmp_path, "placed")
+    runfiles.write_json_atomic(placed.dir / LAUNCHER, {"backend": "slurm", "job_id": "42", "node": "gpu-node-3"})
+    runfiles.write_json_atomic(placed.dir / "slurm-job.json", {"node": "gpu-node-3", "gpus": "0,1"})
+    queued = fake_run(tmp_path, "queued", steps=0)
+    runfiles.write_json_atomic(queued.dir / runfiles.STATUS, {"state": "pending", "launched_at": time.time()})
+    runfiles.write_json_atomic(queued.dir / LAUNCHER, {"backend": "local", "gpus_needed": 4,
+                                                       "pending_reason": "waiting for 4 GPUs: 2 of 4 free"})
+    assert "slurm job 42 on gpu-node-3 gpu 0,1" in Monitor(placed, autostart=False).status.value
+    assert "queued for 4 GPUs (waiting for 4 GPUs: 2 of 4 free)" in Monitor(queued, autostart=False).status.value
+    board = Board(str(tmp_path), auto_refresh=False)
+    assert "slurm job 42 on gpu-node-3 gpu 0,1" in board.table.html.value
+    assert "waiting for 4 GPUs: 2 of 4 free" in board.table.html.value
+
+
 def test_monitor_shows_lr_val_loss_throughput_memory_and_eta(tmp_path):
     run = fake_run(tmp_path, "m", state="running", steps=4, total=10)
     with (run.dir / runfiles.METRICS).open("a") as fh:
