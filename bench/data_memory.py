@@ -35,7 +35,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import results as bench_results  # noqa: E402 - bench/results.py, beside this script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/results.py, however this file is loaded
+import results as bench_results  # noqa: E402
 
 from labkit.buildonce import build_once  # noqa: E402
 from labkit.data.tokenize import IGNORE  # noqa: E402

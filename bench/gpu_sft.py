@@ -29,7 +29,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-import results as bench_results  # noqa: E402 - bench/results.py, beside this script
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/results.py, however this file is loaded
+import results as bench_results  # noqa: E402
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback

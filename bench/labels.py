@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import results as bench_results  # noqa: E402 - bench/results.py, beside this script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/results.py, however this file is loaded
+import results as bench_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

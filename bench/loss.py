@@ -17,8 +17,10 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import results as bench_results  # noqa: E402 - bench/results.py, beside this script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/results.py, however this file is loaded
+import results as bench_results  # noqa: E402
 import torch
 
 VARIANTS = ("transformers", "chunked")

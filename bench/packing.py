@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import results as bench_results  # noqa: E402 - bench/results.py, beside this script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/results.py, however this file is loaded
+import results as bench_results  # noqa: E402
 
 from labkit.data.multipack import packing_efficiency, plan_epoch  # noqa: E402
 

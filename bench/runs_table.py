@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
-import results as bench_results  # noqa: E402 - bench/results.py, beside this script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/results.py, however this file is loaded
+import results as bench_results  # noqa: E402
 from store import generate, timed  # bench/store.py's generator
 
 from labkit import table

@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import results as bench_results  # noqa: E402 - bench/results.py, beside this script
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/results.py, however this file is loaded
+import results as bench_results  # noqa: E402
 
 from labkit.config import RunConfig
 from labkit.store import Store
