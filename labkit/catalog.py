@@ -142,17 +142,6 @@ def resolve(name_or_path: str, directory: Path | None = None) -> Card:
     return card
 
 
-def validate_record(obj: Any) -> str | None:
-    """Why a parsed JSON line is not a usable chat sample, or None if it is."""
-    from labkit.data import formats
-
-    try:
-        formats.convert(obj, "chat")
-    except formats.RecordProblem as e:
-        return str(e)
-    return None
-
-
 def load_jsonl(
     path: str | Path, on_error: Literal["raise", "skip"] = "raise"
 ) -> tuple[list[dict[str, Any]], LoadReport]:

@@ -102,18 +102,11 @@ class Estimate:
     loss: int
     total: int
 
-    def gib(self, n: int) -> float:
-        return n / GiB
-
     def summary(self) -> str:
         ac = "on" if self.activation_checkpointing else "off"
         return (f"~{self.total / GiB:.1f} GiB per GPU ({self.strategy} over {self.world}: weights+grads+Adam "
                 f"{self.model_state / GiB:.1f} GiB, activations {self.activations / GiB:.1f} GiB with activation "
                 f"checkpointing {ac}, loss {self.loss / GiB:.1f} GiB)")
-
-
-def read_shape(model_dir: str | Path) -> Shape:
-    return Shape.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
 
 
 def estimate(shape: Shape, strategy: str, world: int, tokens: int, checkpointing: bool,

@@ -24,9 +24,10 @@ import pandas as pd
 from labkit import paths, progress, runfiles
 
 DEFAULT_CONFIG_COLUMNS = ("learning_rate", "effective_batch_size", "schedule", "warmup_steps", "seed")
-LEAD = ("run", "state", "progress")
+# The table's own columns, in order around the config columns and eval scores.
+LEAD = ("run", "state", "progress", "step")
 TAIL = ("cohort", "early_score", "early_rank", "loss", "val_loss")
-TIMES = ("started", "duration")
+END = ("started", "duration", "placement")
 SELECTED = "selected"  # the cohort name of runs picked by hand
 EARLY_SCORE_HELP = (
     "Early score: rank within its cohort (a sweep, or runs picked together) by grad norm and loss over "
@@ -135,8 +136,7 @@ def runs_table(root: str | Path | None = None, columns: Sequence[str] | None = N
     df["early_rank"] = df["early_rank"].astype("Int64")
     df["progress"] = pd.to_numeric(df["progress"], errors="coerce")
     df["duration"] = pd.to_numeric(df["duration"], errors="coerce")
-    order = ["run", "state", "progress", "step", *[c for c in config_cols if c not in _ALL_NAMES],
-             "cohort", "early_score", "early_rank", "loss", "val_loss", *evals, "started", "duration", "placement"]
+    order = [*LEAD, *[c for c in config_cols if c not in _ALL_NAMES], *TAIL, *evals, *END]
     df = df[order]
     if where:
         con = duckdb.connect()
@@ -159,16 +159,14 @@ def runs_table(root: str | Path | None = None, columns: Sequence[str] | None = N
 
 
 _DESC_BY_DEFAULT = {"early_score", "started", "duration", "progress", "step"}
-_ALL_NAMES = {"run", "state", "progress", "step", "cohort", "early_score", "early_rank", "loss", "val_loss",
-              "started", "duration", "placement"}
+_ALL_NAMES = {*LEAD, *TAIL, *END}
 _STORE_ONLY = {"run_id", "status", "started_at", "updated_at", "ended_at", "stop_reason", "error", "total_steps",
                "last_step", "samples", "total_samples", "config_error", "last_loss", "min_loss", "last_val_loss",
                "min_val_loss"}
 
 
 def empty(columns: Sequence[str] | None = None) -> pd.DataFrame:
-    cols = ["run", "state", "progress", "step", *(DEFAULT_CONFIG_COLUMNS if columns is None else columns),
-            "cohort", "early_score", "early_rank", "loss", "val_loss", "started", "duration", "placement"]
+    cols = [*LEAD, *(DEFAULT_CONFIG_COLUMNS if columns is None else columns), *TAIL, *END]
     return pd.DataFrame(columns=list(dict.fromkeys(cols)))
 
 

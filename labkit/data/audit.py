@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import html
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -164,9 +163,3 @@ def show(dataset: str, model: str = "tiny", n: int = 3, **kw: Any):
     result, samples = audit(dataset, model, tokenizer=tok, **kw)
     return view(result, samples, tok, n)
 
-
-def write_json(result: Audit, path: Path) -> Path:
-    import json
-
-    path.write_text(json.dumps(result.as_dict(), indent=1))
-    return path

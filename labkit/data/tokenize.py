@@ -28,8 +28,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
-
 IGNORE = -100
 # Bumped whenever the labels of a given (record, tokenizer, options) change; part of the cache key.
 LABELS_VERSION = 3
@@ -325,30 +323,6 @@ def _text_pieces(s: str) -> list[list]:
     out = [[parts[0], False, False, None]] if parts[0] else []
     out.extend([THINK_OPEN + p, False, False, None] for p in parts[1:])
     return out
-
-
-def assistant_spans(messages: list[dict], tokenizer, reasoning: str = "keep",
-                    train_on: str = "assistant") -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans `[start, end)` of its labelled parts."""
-    lay = layout(messages, tokenizer, reasoning, train_on)
-    text, spans, pos = [], [], 0
-    for piece, _, lab in lay.pieces:
-        if lab:
-            if spans and spans[-1][1] == pos:
-                spans[-1] = (spans[-1][0], pos + len(piece))
-            else:
-                spans.append((pos, pos + len(piece)))
-        text.append(piece)
-        pos += len(piece)
-    return "".join(text), spans
-
-
-def _labels(ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
-    starts = np.fromiter((a for a, _ in offsets), dtype=np.int64, count=len(ids))
-    inside = np.zeros(len(ids), dtype=bool)
-    for a, b in spans:
-        inside |= (starts >= a) & (starts < b)
-    return np.where(inside, np.asarray(ids, dtype=np.int64), IGNORE).tolist()
 
 
 def _encode_text(texts: list[str], tokenizer) -> list[list[int]]:
