@@ -31,12 +31,11 @@ LOG="$OUT/device_check.log"
 : > "$LOG"
 
 if [ $DRY = 1 ]; then
-  PRESET=tiny; PRESET3=tiny; STEPS=3; CPU=--cpu; BATCH=16; TOKENS=2048
+  PRESET=tiny; STEPS=3; CPU=--cpu; BATCH=16; TOKENS=2048
   SFT_ARGS=(--dry-run --systems labkit_packed,trl_padded); SFT3_ARGS=(--dry-run --systems labkit_packed)
-  PYTEST_MARK="gpu"
 else
-  PRESET=1b; PRESET3=3b; STEPS=40; CPU=; BATCH=64; TOKENS=16384
-  SFT_ARGS=(--preset 1b); SFT3_ARGS=(--preset 3b --grad-ckpt --max-tokens-per-device 8192); PYTEST_MARK="gpu"
+  PRESET=1b; STEPS=40; CPU=; BATCH=64; TOKENS=16384
+  SFT_ARGS=(--preset 1b); SFT3_ARGS=(--preset 3b --grad-ckpt --max-tokens-per-device 8192)
 fi
 
 # step NAME LIMIT_S CMD...: run CMD under timeout, log its output, record one JSON line.
@@ -73,7 +72,7 @@ fi
 
 { nvidia-smi 2>&1 || echo "no nvidia-smi"; } >> "$LOG"
 step env 60 "$PY" bench/device_check.py env
-step gpu-tests 150 "$PY" -m pytest -q -m "$PYTEST_MARK" -p no:cacheprovider tests/test_gpu.py tests/test_attention.py \
+step gpu-tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_attention.py \
   tests/test_bench_gpu_sft.py
 step model 120 "$PY" bench/device_check.py model --preset "$PRESET" --out "$SCRATCH/model-$PRESET"
 step train 150 "$PY" bench/device_check.py train --model "$SCRATCH/model-$PRESET" --root "$SCRATCH/runs" \

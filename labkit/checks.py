@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from labkit import runfiles
+
 if TYPE_CHECKING:
     from labkit.config import RunConfig
 
@@ -220,9 +222,7 @@ def _read_or_build_task_index(cache_home: Path) -> list[str]:
     names = sorted(TaskManager().all_tasks)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"tasks_dir": str(tasks_dir), "names": names}))
-        os.replace(tmp, cache)
+        runfiles.write_json_atomic(cache, {"tasks_dir": str(tasks_dir), "names": names})
     except OSError:
         pass  # a read-only cache only costs the next check another index
     return names

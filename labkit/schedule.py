@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from labkit.data import multipack
+
 if TYPE_CHECKING:
     from labkit.config import RunConfig
 
@@ -87,16 +89,12 @@ def _count_samples(card) -> int:
     return len(formats.read(card, on_error="skip")[0])
 
 
-def steps_per_epoch(samples: int, effective_batch_size: int) -> int:
-    return math.ceil(samples / effective_batch_size) if samples > 0 else 0
-
-
 def phase_steps(cfg: RunConfig, sizes: Sequence[int]) -> list[int]:
     """Optimizer steps each phase runs (its schedule length), after `max_steps` cuts the run."""
     left = cfg.max_steps if cfg.max_steps else math.inf
     out = []
     for phase, n in zip(cfg.training_phases(), sizes, strict=True):
-        steps = int(min(phase.epochs * steps_per_epoch(n, cfg.effective_batch_size), left))
+        steps = int(min(phase.epochs * multipack.steps_in_epoch(n, cfg.effective_batch_size), left))
         out.append(steps)
         left -= steps
     return out

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from trainer_runs import WORKER, tiny_exact
+from waiting import wait_for
 
 from labkit import checkpoint, runfiles
 from labkit.config import RunConfig
@@ -28,15 +29,6 @@ def start(cmd: list[str]) -> subprocess.Popen:
     env = {**_child_env(cpu=True), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
                             start_new_session=True)
-
-
-def wait_for(predicate, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("timed out")
 
 
 def steps_in_file(run_dir: Path) -> list[int]:

@@ -29,7 +29,6 @@ import hashlib
 import itertools
 import json
 import os
-import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -39,6 +38,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from labkit import runfiles
 from labkit.buildonce import build_once
 from labkit.data.tokenize import LABELS_VERSION, TokenizedSample, tokenize_records
 
@@ -185,20 +185,9 @@ def file_digest(path: str | Path, memo_dir: str | Path | None = None) -> str:
             h.update(chunk)
     digest = h.hexdigest()
     if memo is not None and os.stat(path).st_mtime_ns == st.st_mtime_ns:  # not changed while hashed
-        _write_atomic(memo, json.dumps({"stamp": stamp, "sha256": digest}))
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        runfiles.write_json_atomic(memo, {"stamp": stamp, "sha256": digest})
     return digest
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def cache_key(data_path: str | Path, tokenizer, tokenizer_dir: str | Path, max_seq_len: int, overlong: str,
