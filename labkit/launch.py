@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 
@@ -159,12 +159,13 @@ def as_config(config: RunConfig | str | Path, overrides: dict[str, Any]) -> RunC
 
 
 def launch(config: RunConfig | str | Path, overwrite: bool = False, backend: str | None = None,
-           **overrides: Any) -> Run:
+           on_exists: Literal["refuse", "rename"] = "refuse", **overrides: Any) -> Run:
     """Validate, write RUN_DIR/config.yaml and start training in the background; returns at once.
 
     Overrides are config fields (`name="lr3e-4"`, `**{"distributed.num_processes": 2}`). An existing run
     directory is continued when `resume` is set, moved to RUNS/.trash/ with `overwrite`, and otherwise
-    refused (`labkit.rundirs.claim_run_dir`). A live run is never touched.
+    refused, or with `on_exists="rename"` the new run takes the next free name (`labkit.rundirs.claim_run_dir`,
+    called only once every check has passed). A live run is never touched.
 
     `backend="local"` trains on this machine: a run that needs GPUs gets its own (labkit.gpus) and
     waits, state `pending` with its `pending_reason`, while they are taken. `backend="slurm"` submits
@@ -197,7 +198,7 @@ def launch(config: RunConfig | str | Path, overwrite: bool = False, backend: str
             problems.append(str(e))
     if problems:
         raise ConfigError("\n  - ".join([f"run {cfg.name!r} cannot start:", *problems]))
-    cfg = rundirs.claim_run_dir(cfg, overwrite=overwrite)  # never deletes a run: labkit/rundirs.py
+    cfg = rundirs.claim_run_dir(cfg, overwrite=overwrite, on_exists=on_exists)  # never deletes a run: labkit/rundirs.py
     run_dir = cfg.run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -184,20 +184,16 @@ class Configurator(w.VBox):
 
     def launch(self, **kwargs: Any) -> Run | None:
         """Launch the form's config (kwargs go to `labkit.launch.launch`) and show a Monitor for it."""
-        from labkit.rundirs import claim_run_dir
-
         try:
             cfg = self.config
             # The form's name is a default people launch again and again: an old run of that name
             # is kept and the new one gets the next free name (demo-2), never an overwrite.
-            claimed = claim_run_dir(cfg, resume=kwargs.pop("resume", False),
-                                    overwrite=kwargs.get("overwrite", False), on_exists="rename")
-            run = launch(claimed, **kwargs)
+            run = launch(cfg, on_exists="rename", **kwargs)
         except ConfigError as e:
             self.messages.value = _problems_html(str(e).replace("\n  - ", "\n").splitlines())
             return None
         note = (f"<span style='color:#7a5600'>a run named <code>{html.escape(cfg.name)}</code> exists (kept): "
-                f"launched as <code>{html.escape(run.name)}</code></span>" if claimed.name != cfg.name else "")
+                f"launched as <code>{html.escape(run.name)}</code></span>" if run.name != cfg.name else "")
         self.messages.value = note or f"launched <code>{html.escape(run.name)}</code>"
         self.launched.append(run)
         self.monitors.children = (Monitor(run), *self.monitors.children)

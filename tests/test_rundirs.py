@@ -86,6 +86,17 @@ def test_the_configurator_launches_under_a_new_name_and_keeps_the_old_run(tmp_pa
         form.monitors.children[0].close()
 
 
+def test_a_configurator_launch_that_is_refused_leaves_the_old_run_where_it_was(tmp_path, tiny_dir):
+    from labkit.widgets import Configurator
+
+    cfg = old_run(tmp_path, "demo")
+    form = Configurator(cfg.with_updates(max_steps=1))
+    # Two machines and no main_process_ip: launch() refuses it, after its checks and before any claim.
+    assert form.launch(overwrite=True, **{"distributed.num_machines": 2}) is None
+    assert "cannot start" in form.messages.value and "main_process_ip" in form.messages.value
+    assert untouched(cfg) and not (tmp_path / ".trash").exists()
+
+
 def test_a_sweep_overwrite_moves_its_old_runs_aside(tmp_path, tiny_dir):
     from labkit.sweep import SweepError, run_sweep
 
