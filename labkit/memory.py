@@ -170,14 +170,21 @@ def _model_shape(cfg: RunConfig) -> Shape | None:
 def plan(cfg: RunConfig, strategy: str | None = None) -> Estimate | None:
     """The estimate for this config's model, strategy and token budget; None when it cannot be sized."""
     shape = _model_shape(cfg)
-    if shape is None:
-        return None
+    return None if shape is None else _plan(cfg, shape, strategy)
+
+
+def _compute_bytes(cfg: RunConfig) -> int:
+    return 4 if cfg.distributed.mixed_precision == "no" else 2
+
+
+def _plan(cfg: RunConfig, shape: Shape, strategy: str | None = None, checkpointing: bool | None = None,
+          tokens: int | None = None) -> Estimate:
     d = cfg.distributed
     world = d.num_processes
     strategy = strategy or (d.strategy if d.strategy != "auto" else ("single" if world == 1 else "ddp"))
-    ac = wants_checkpointing(d.activation_checkpointing, shape.params)
-    compute = 4 if d.mixed_precision == "no" else 2
-    return estimate(shape, strategy, world, cfg.max_tokens_per_device, ac, cfg.loss_chunk_tokens, compute)
+    ac = wants_checkpointing(d.activation_checkpointing, shape.params) if checkpointing is None else checkpointing
+    return estimate(shape, strategy, world, cfg.max_tokens_per_device if tokens is None else tokens, ac,
+                    cfg.loss_chunk_tokens, _compute_bytes(cfg))
 
 
 def auto_strategy(cfg: RunConfig, world: int) -> str:
@@ -188,29 +195,25 @@ def auto_strategy(cfg: RunConfig, world: int) -> str:
 
 def check(cfg: RunConfig, gpus: list[int] | None = None) -> list[str]:
     """Problems of the memory plan, one message each ([] when it fits or there is no GPU to size against)."""
-    if cfg.distributed.cpu or _model_shape(cfg) is None:
+    shape = None if cfg.distributed.cpu else _model_shape(cfg)
+    if shape is None:
         return []
     gpus = visible_gpu_memory() if gpus is None else gpus
     if not gpus:
         return []
     d = cfg.distributed
-    strategy = d.strategy if d.strategy != "auto" else (
-        "single" if d.num_processes == 1 else auto_strategy_for(cfg, gpus))
-    est = plan(cfg, strategy)
-    if est is None:
-        return []
     have = min(gpus)
+    strategy = d.strategy if d.strategy != "auto" else (
+        "single" if d.num_processes == 1 else _auto_strategy(cfg, shape, have))
+    est = _plan(cfg, shape, strategy)
     if est.total <= have:
         return []
     advice = []
-    shape = _model_shape(cfg)
-    if strategy != "fsdp" and d.num_processes > 1 and plan(cfg, "fsdp").total <= have:
+    if strategy != "fsdp" and d.num_processes > 1 and _plan(cfg, shape, "fsdp").total <= have:
         advice.append("distributed.strategy: fsdp")
-    if not est.activation_checkpointing:
-        with_ac = estimate(shape, strategy, est.world, cfg.max_tokens_per_device, True, cfg.loss_chunk_tokens)
-        if with_ac.total <= have:
-            advice.append("distributed.activation_checkpointing: true")
-    tokens = _largest_fitting_tokens(shape, strategy, est, have, cfg.loss_chunk_tokens)
+    if not est.activation_checkpointing and _plan(cfg, shape, strategy, checkpointing=True).total <= have:
+        advice.append("distributed.activation_checkpointing: true")
+    tokens = _largest_fitting_tokens(cfg, shape, strategy, est.activation_checkpointing, have)
     if tokens:
         advice.append(f"max_tokens_per_device: {tokens} or less")
     if not advice:
@@ -220,15 +223,19 @@ def check(cfg: RunConfig, gpus: list[int] | None = None) -> list[str]:
 
 
 def auto_strategy_for(cfg: RunConfig, gpus: list[int]) -> str:
-    est = plan(cfg, "ddp")
-    return "ddp" if est is None or est.total <= min(gpus) else "fsdp"
+    shape = _model_shape(cfg)
+    return "ddp" if shape is None else _auto_strategy(cfg, shape, min(gpus))
 
 
-def _largest_fitting_tokens(shape: Shape, strategy: str, est: Estimate, have: int, chunk: int | None) -> int:
+def _auto_strategy(cfg: RunConfig, shape: Shape, have: int) -> str:
+    return "ddp" if _plan(cfg, shape, "ddp").total <= have else "fsdp"
+
+
+def _largest_fitting_tokens(cfg: RunConfig, shape: Shape, strategy: str, checkpointing: bool, have: int) -> int:
     lo, hi = 0, 1 << 20
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if estimate(shape, strategy, est.world, mid, est.activation_checkpointing, chunk).total <= have:
+        if _plan(cfg, shape, strategy, checkpointing, tokens=mid).total <= have:
             lo = mid
         else:
             hi = mid - 1

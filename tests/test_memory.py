@@ -90,10 +90,12 @@ def test_8b_on_8_gpus_fits_under_fsdp_and_not_under_ddp(tmp_path):
     assert memory.check(auto, gpus) == [] and memory.auto_strategy_for(auto, gpus) == "fsdp"
 
 
-def test_a_too_large_token_budget_is_refused_with_the_budget_that_fits(tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "no"])  # "no": fp32 activations, advice sized in fp32 too
+def test_a_too_large_token_budget_is_refused_with_the_budget_that_fits(tmp_path, precision):
     mdir = model_dir(tmp_path, "llama-3.2-1b")
     cfg = RunConfig(model=str(mdir), datasets=["skills"], max_tokens_per_device=60000,
-                    distributed={"num_processes": 1, "activation_checkpointing": False})
+                    distributed={"num_processes": 1, "activation_checkpointing": False,
+                                 "mixed_precision": precision})
     (problem,) = memory.check(cfg, [48 * GiB])
     assert "activation_checkpointing: true" in problem and "max_tokens_per_device:" in problem
     fitting = int(problem.split("max_tokens_per_device: ")[1].split()[0])
