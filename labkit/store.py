@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from labkit import runfiles
+from labkit import liveness, runfiles
 from labkit.config import ConfigError, from_dict
 
 SCHEMA_VERSION = "2"
@@ -355,9 +355,7 @@ class Store:
         meta = hit[1]
         if meta["status"] in LIVE_STATES:
             # status.json of a killed trainer says running forever: ask its processes (cheap signal-0 probes).
-            from labkit.launch import Run
-
-            live = Run(run_dir).status()
+            live = liveness.effective_status(run_dir)
             if live.get("state") != meta["status"]:
                 meta = {**meta, "status": live.get("state"), "error": live.get("error")}
         return meta

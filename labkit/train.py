@@ -317,7 +317,9 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
             model_dir = resolve_model(cfg.model)
         model, tokenizer, impl = load_model(cfg, model_dir, d, strategy)
         n_params = model.num_parameters()
-        rows = "packed rows" if cfg.packing and attention.needs_cu_seqlens(impl) else "padded rows"
+        # Packed rows need a kernel that takes cu_seqlens; otherwise micro-batches run as padded rows.
+        packed_rows = cfg.packing and attention.needs_cu_seqlens(impl)
+        rows = "packed rows" if packed_rows else "padded rows"
         why_not = supports_chunked_loss(model)
         loss = (f"chunked linear cross-entropy ({cfg.loss_chunk_tokens} tokens)" if cfg.loss_chunk_tokens and not why_not
                 else f"transformers' ({why_not or 'loss_chunk_tokens is null'})")
@@ -341,7 +343,6 @@ def train(cfg: RunConfig, overwrite: bool = False) -> dict[str, Any]:
         total_steps = schedule.total_steps
         total_samples = samples_in_steps(cfg.effective_batch_size, [len(x) for x in data],
                                          [p.epochs for p in phases], total_steps)
-        packed_rows = attention.needs_cu_seqlens(impl)
         val_plan = None
         if val is not None:
             check_budget(cfg, val.lengths, [cfg.val_dataset])
@@ -441,7 +442,7 @@ class Loop:
         for epoch in range(self.epoch, phase.epochs):
             self.epoch = epoch
             if self.step_in_epoch < per_epoch:
-                plan = plan_epoch(cfg, lengths, d.world, epoch + 1000 * p_idx, attention.needs_cu_seqlens(self.impl))
+                plan = plan_epoch(cfg, lengths, d.world, epoch + 1000 * p_idx, self.packed_rows)
                 for i in range(self.step_in_epoch, len(plan)):
                     if self.step >= self.total_steps:  # e.g. resumed from the checkpoint at max_steps
                         self.done, self.stop_reason = True, self.stop_reason or "max_steps"

@@ -204,6 +204,7 @@ def layout(messages: list[dict], tokenizer, reasoning: str = "keep", train_on: s
     an = analysis or analyse(tokenizer)
     trained = _trained(messages, train_on)
     ph_msgs, subst, thoughts = [], {}, {}
+    dropped = 0  # reasoning blocks left out by reasoning="drop" (counted here, where they are split off)
     for j, m in enumerate(messages):
         content = m["content"]
         if _PH_OPEN in content or _PH_CLOSE in content:
@@ -212,6 +213,7 @@ def layout(messages: list[dict], tokenizer, reasoning: str = "keep", train_on: s
         if m["role"] == "assistant":
             r, content = split_reasoning(m)
             if reasoning == "drop":
+                dropped += r is not None
                 r = None
         subst[_ph("c", j)] = _apply(an.transforms.get(m["role"], "none"), content)
         ph = _ph("c", j)
@@ -235,7 +237,7 @@ def layout(messages: list[dict], tokenizer, reasoning: str = "keep", train_on: s
         pos = mt.end()
     if pos < len(text):
         segs.append((text[pos:], None))
-    kept = dropped = restored = 0
+    kept = restored = 0
     for j, r in thoughts.items():
         if _ph("r", j) in seen:
             kept += 1
@@ -246,8 +248,6 @@ def layout(messages: list[dict], tokenizer, reasoning: str = "keep", train_on: s
             restored += 1
         else:
             dropped += 1
-    if reasoning == "drop":
-        dropped += sum(1 for m in messages if m["role"] == "assistant" and split_reasoning(m)[0] is not None)
 
     # Pieces: fixed text split at special tokens (controls), content as text.
     pieces: list[list] = []  # [text, is_control, labelled, placeholder]
