@@ -158,7 +158,7 @@ def load_jsonl(
 def card_for_path(path: Path) -> Card:
     """The catalog card of a data path (its format and field mapping), else the path with its format sniffed.
 
-    Callers that hold only `card.path` (the trainer's loader) still read the data as its card says.
+    Callers that hold only a path (`labkit.data.tokenstore.load_tokenized` given one) read it as its card says.
     """
     try:
         target = Path(path).resolve()

@@ -118,7 +118,7 @@ def load_phase_data(cfg: RunConfig, datasets: list[str], tokenizer, model_dir: P
     parts, dropped = [], 0
     for name in datasets:
         part, report = load_tokenized(
-            resolve(name).path, tokenizer, model_dir, cfg.max_seq_len, overlong=cfg.overlong,
+            resolve(name), tokenizer, model_dir, cfg.max_seq_len, overlong=cfg.overlong,
             on_error=cfg.on_bad_record, options={"reasoning": cfg.reasoning, "train_on": cfg.train_on})
         log(f"data {name}: " + ", ".join(f"{k}={v}" for k, v in report.items() if k != "source"))
         parts.append(part)

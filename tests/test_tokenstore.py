@@ -234,3 +234,16 @@ def test_reading_samples_does_not_grow_private_memory_with_the_data_read(tmp_pat
     grown = private_bytes() - before
     assert read > 5 * 2**20 and grown < 2**20  # read 5+ MB of samples, kept under 1 MB of it
     assert store[int(picks[0])].input_ids.tolist() == ids[int(store.offsets[picks[0]]):][:lengths[picks[0]]].tolist()
+
+
+def test_editing_a_cards_field_mapping_rebuilds_the_store(tok, tiny_dir, tmp_path):
+    rows = [{"q": "Capital of Varnholt?", "short": "Quillmere.", "long": "Quillmere, on the Silverrun."}]
+    write_jsonl(tmp_path / "qa.jsonl", rows)
+    card_file = tmp_path / "qa.yaml"
+    answers = []
+    for field in ("short", "long"):  # the same data file, read through another field
+        card_file.write_text(f"name: qa\npath: qa.jsonl\nformat: alpaca\nfields: {{instruction: q, output: {field}}}\n")
+        store, _ = load_tokenized(catalog.cards(tmp_path)["qa"], tok, tiny_dir, 512, cache_dir=tmp_path / "cache")
+        labels = np.asarray(store[0].labels)
+        answers.append(tok.decode(labels[labels >= 0]))
+    assert answers[0].startswith("Quillmere.") and answers[1].startswith("Quillmere, on the Silverrun.")

@@ -34,13 +34,16 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from labkit import runfiles
 from labkit.buildonce import build_once
 from labkit.data.tokenize import LABELS_VERSION, TokenizedSample, tokenize_records
+
+if TYPE_CHECKING:
+    from labkit.catalog import Card
 
 STORE_VERSION = 3
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -328,34 +331,33 @@ def build_store(out_dir: str | Path, records: Iterable[dict], tokenizer, max_seq
     return writer.finish({"source": source, **totals}, workers=workers if pooled else 1)
 
 
-def _records(data_path: Path, on_error: str) -> tuple[Iterable[dict], Any]:
-    # The one place records come from a file: the catalog's validated loader (names file and line).
-    from labkit.catalog import load_jsonl
-
-    return load_jsonl(data_path, on_error=on_error)
-
-
-def load_tokenized(data_path: str | Path, tokenizer, tokenizer_dir: str | Path, max_seq_len: int,
+def load_tokenized(data: str | Path | Card, tokenizer, tokenizer_dir: str | Path, max_seq_len: int,
                    overlong: Literal["drop", "truncate"] = "drop", cache_dir: str | Path | None = None,
                    on_error: Literal["raise", "skip"] = "raise", options: dict | None = None,
                    workers: int | None = None) -> tuple[TokenStore, dict]:
-    """The token store of a chat JSONL file, built on first use (once per node) and mapped after.
+    """The token store of a dataset, built on first use (once per node) and mapped after.
 
-    `options` are labelling options passed to `tokenize_records` as keyword arguments (and part
+    `data` is a catalog card (read as it says: format, fields, roles, split) or a data path (read as
+    the catalog card of that file says, else as its sniffed format). How the card reads the file is
+    part of the cache key, so editing a card's field mapping rebuilds the store. `options` are labelling options passed to `tokenize_records` as keyword arguments (and part
     of the cache key). The report holds `source`, `samples`, `dropped_overlong`, `truncated`,
     `no_loss_tokens`, `skipped` (bad lines, with `on_error="skip"`) and `cached` (False only in
     the process that built the store).
     """
+    from labkit.catalog import Card, card_for_path
+    from labkit.data import formats
     from labkit.tiny import home
 
-    data_path = Path(data_path)
+    card = data if isinstance(data, Card) else card_for_path(Path(data))
+    data_path = Path(card.path)
+    reader = {"format": card.format, **{k: card.extra.get(k) for k in ("fields", "roles", "split")}}
     cache_dir = Path(cache_dir) if cache_dir is not None else home() / "tokenized"
-    key = cache_key(data_path, tokenizer, tokenizer_dir, max_seq_len, overlong, on_error, options,
-                    memo_dir=cache_dir / ".digests")
+    key = cache_key(data_path, tokenizer, tokenizer_dir, max_seq_len, overlong, on_error,
+                    {**(options or {}), "reader": reader}, memo_dir=cache_dir / ".digests")
     entry = cache_dir / f"{data_path.stem}-{key}"
 
     def build(tmp: Path) -> None:
-        records, load_report = _records(data_path, on_error)
+        records, load_report = formats.read(card, on_error=on_error)
         build_store(tmp, records, tokenizer, max_seq_len, overlong, source=str(data_path), options=options,
                     workers=workers, extra_report=lambda: {"skipped": load_report.skipped})
 
