@@ -1,5 +1,6 @@
 """Pre-launch checks: configs that validate but would fail after launch are refused, one line per field."""
 
+import functools
 import json
 import os
 import pwd
@@ -158,6 +159,7 @@ def test_run_name_taken_by_a_file_in_the_runs_root_is_refused(tmp_path):
     assert fields(problems_of(name="myrun", runs_root=str(tmp_path))) == ["name"]
 
 
+@functools.cache
 def _nobody() -> int | None:
     """`nobody`'s uid when this (root) process can run Python as nobody, else None."""
     if os.geteuid() != 0:

@@ -1,14 +1,11 @@
 """Assistant-only labels under every kind of chat template (templates written here, in tests/templates/)."""
 
-import json
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
-from labkit.catalog import DataError
 from labkit.data.tokenize import IGNORE, TemplateError, tokenize_chat, tokenize_records
-from labkit.data.tokenstore import load_tokenized
 
 TEMPLATES = Path(__file__).parent / "templates"
 END = "<|end|>"
@@ -243,24 +240,3 @@ def test_truncation_that_cuts_off_every_assistant_token_drops_the_sample(tok):
 def test_end_of_turn_is_counted_in_every_labelled_turn(tok):
     _, report = tokenize_records([{"messages": CONVERSATIONS["multi"]}] * 3, tok, 512)
     assert report["labelled_turns"] == report["turns_with_end"] == 6
-
-
-def write_jsonl(path, recs) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-
-
-def test_cache_is_rebuilt_when_the_chat_template_changes(tok, tiny_dir, tmp_path):
-    data, cache = tmp_path / "chat.jsonl", tmp_path / "cache"
-    write_jsonl(data, records())
-    load_tokenized(data, tok, tiny_dir, 256, cache_dir=cache)
-    _, r = load_tokenized(data, template_tok(tiny_dir, "trim"), tiny_dir, 256, cache_dir=cache)
-    assert not r["cached"]
-
-
-def test_bad_line_names_file_and_line_or_is_skipped(tok, tiny_dir, tmp_path):
-    data = tmp_path / "chat.jsonl"
-    write_jsonl(data, records(n_long=0, n_short=2) + [{"messages": [{"role": "user", "content": "no answer"}]}])
-    with pytest.raises(DataError, match=r"chat\.jsonl:3: no assistant turn"):
-        load_tokenized(data, tok, tiny_dir, 256, cache_dir=tmp_path / "cache")
-    samples, r = load_tokenized(data, tok, tiny_dir, 256, cache_dir=tmp_path / "cache", on_error="skip")
-    assert len(samples) == 2 and r["skipped"] == 1
